@@ -1,0 +1,281 @@
+"""Flax linen building blocks (NHWC): conv-BN-ReLU units, downsamplers, adaptive pooling, auxiliary heads.
+
+Every module takes ``dtype`` (the compute dtype) and keeps its parameters in float32, so bfloat16 compute
+is a matter of passing ``dtype=jnp.bfloat16``. BatchNorm follows PyTorch's defaults (momentum 0.1, which is
+Flax ``momentum=0.9``; eps 1e-5).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Dtype = Any
+
+DOWNSAMPLERS = ("maxpool", "avgpool", "stride", "space_to_depth")
+HEADS = ("mlp_sr", "mlp", "cnn", "linear", "dni", "gap_linear")
+
+BatchNorm = functools.partial(nn.BatchNorm, momentum=0.9, epsilon=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Pooling helpers (pure functions)
+# ----------------------------------------------------------------------------------------------------------
+def adaptive_bins(n: int, m: int) -> list[tuple[int, int]]:
+    """PyTorch's adaptive-pool bins: output ``i`` of ``m`` averages input ``[floor(i*n/m), ceil((i+1)*n/m))``."""
+    if n < 1 or m < 1:
+        raise ValueError(f"adaptive pooling needs positive sizes, got input {n} and output {m}")
+    return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
+
+
+@functools.lru_cache(maxsize=None)
+def _pool_matrix(n: int, m: int) -> np.ndarray:
+    """``[m, n]`` averaging matrix of PyTorch's adaptive average pooling along one axis."""
+    mat = np.zeros((m, n), np.float32)
+    for i, (lo, hi) in enumerate(adaptive_bins(n, m)):
+        mat[i, lo:hi] = 1.0 / (hi - lo)
+    return mat
+
+
+def adaptive_avg_pool(x: jax.Array, output_size: int | tuple[int, int]) -> jax.Array:
+    """Torch-style adaptive average pooling of ``x: [batch, H, W, C]`` to ``[batch, oh, ow, C]``.
+
+    Matches ``torch.nn.AdaptiveAvgPool2d`` including the overlapping bins used when the sizes do not divide
+    (e.g. 7 -> 2 averages rows 0..3 and 3..6). When they divide it is a plain ``avg_pool``.
+    """
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    _, h, w, _ = x.shape
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh == 0 and w % ow == 0:
+        win = (h // oh, w // ow)
+        return nn.avg_pool(x, win, strides=win)
+    ph = jnp.asarray(_pool_matrix(h, oh), x.dtype)
+    pw = jnp.asarray(_pool_matrix(w, ow), x.dtype)
+    return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw)
+
+
+def space_to_depth(x: jax.Array, block: int = 2) -> jax.Array:
+    """Invertible downsampling ``[batch, H, W, C] -> [batch, H/b, W/b, C*b*b]`` (no information lost)."""
+    b, h, w, c = x.shape
+    if h % block or w % block:
+        raise ValueError(f"space_to_depth needs H and W divisible by {block}, got {h}x{w}")
+    x = x.reshape(b, h // block, block, w // block, block, c)
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h // block, w // block, block * block * c)
+
+
+def depth_to_space(x: jax.Array, block: int = 2) -> jax.Array:
+    """Inverse of :func:`space_to_depth`: ``[batch, H, W, C*b*b] -> [batch, H*b, W*b, C]``."""
+    b, h, w, c = x.shape
+    x = x.reshape(b, h, w, block, block, c // (block * block))
+    return x.transpose(0, 1, 3, 2, 4, 5).reshape(b, h * block, w * block, c // (block * block))
+
+
+def downsample(x: jax.Array, kind: str | None, window: int = 2, stride: int | None = None) -> jax.Array:
+    """Parameter-free downsampling of ``[batch, H, W, C]``: ``maxpool``, ``avgpool``, ``space_to_depth``.
+
+    ``stride`` defaults to ``window``. ``kind=None`` or ``"stride"`` (handled by the conv) returns ``x``.
+    """
+    if kind in (None, "stride"):
+        return x
+    if kind == "maxpool":
+        return nn.max_pool(x, (window, window), strides=(stride or window,) * 2)
+    if kind == "avgpool":
+        return nn.avg_pool(x, (window, window), strides=(stride or window,) * 2)
+    if kind == "space_to_depth":
+        return space_to_depth(x, window)
+    raise ValueError(f"unknown downsampler {kind!r}; expected one of {DOWNSAMPLERS}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trunk units
+# ----------------------------------------------------------------------------------------------------------
+class ConvBNReLU(nn.Module):
+    """``[pre-downsample] -> conv(kxk) -> BN -> ReLU -> [post-pool]`` on ``[batch, H, W, C]``.
+
+    ``pre``: downsampler applied before the conv (``maxpool``/``avgpool``/``space_to_depth``, or ``stride``
+    to make the conv itself strided by 2). ``post``: optional ``(kind, window, stride)`` pool after the ReLU
+    (the DNI network pools after its convs). ``bias``: conv bias (torchvision's VGG-BN keeps it).
+    """
+
+    features: int
+    kernel: int = 3
+    pre: str | None = None
+    post: tuple[str, int, int] | None = None
+    bias: bool = False
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = downsample(x, self.pre)
+        stride = 2 if self.pre == "stride" else 1
+        x = nn.Conv(
+            self.features,
+            (self.kernel, self.kernel),
+            strides=stride,
+            padding=self.kernel // 2,
+            use_bias=self.bias,
+            dtype=self.dtype,
+        )(x)
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+        x = nn.relu(x)
+        if self.post is not None:
+            kind, window, stride = self.post
+            x = downsample(x, kind, window, stride)
+        return x
+
+
+class Sequential(nn.Module):
+    """Applies ``layers`` in order, each called as ``layer(x, train)``."""
+
+    layers: Sequence[nn.Module]
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for layer in self.layers:
+            x = layer(x, train)
+        return x
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Auxiliary heads: each maps [batch, H, W, C] to logits [batch, num_classes] (float32)
+# ----------------------------------------------------------------------------------------------------------
+def _dense_bn_relu(x: jax.Array, width: int, train: bool, dtype: Dtype) -> jax.Array:
+    x = nn.Dense(width, use_bias=False, dtype=dtype)(x)
+    x = BatchNorm(use_running_average=not train, dtype=dtype)(x)
+    return nn.relu(x)
+
+
+def _classifier(x: jax.Array, num_classes: int, dtype: Dtype) -> jax.Array:
+    return nn.Dense(num_classes, dtype=dtype)(x).astype(jnp.float32)
+
+
+class MLPHead(nn.Module):
+    """``mlp`` head: adaptive-avg-pool to ``pool x pool`` -> flatten -> ``depth`` x [Dense, BN, ReLU] -> Dense.
+
+    ``width`` defaults to ``pool*pool*C`` (the paper's 4C). Also the paper's last-stage classifier
+    (``depth=2``).
+    """
+
+    num_classes: int
+    depth: int = 3
+    width: int | None = None
+    pool: int = 2
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        x = adaptive_avg_pool(x, self.pool)
+        x = x.reshape(x.shape[0], -1)
+        width = self.width or x.shape[-1]
+        for _ in range(self.depth):
+            x = _dense_bn_relu(x, width, train, self.dtype)
+        return _classifier(x, self.num_classes, self.dtype)
+
+
+class MLPSRHead(nn.Module):
+    """``mlp-sr`` head (the paper's default): adaptive-avg-pool to ``ceil(S/4)`` -> ``depth`` x [conv1x1 C,
+    BN, ReLU] -> adaptive-avg-pool 2x2 -> flatten (4C) -> ``depth`` x [Dense 4C, BN, ReLU] -> Dense."""
+
+    num_classes: int
+    depth: int = 3
+    width: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        _, h, w, c = x.shape
+        x = adaptive_avg_pool(x, (math.ceil(h / 4), math.ceil(w / 4)))
+        width = self.width or c
+        for _ in range(self.depth):
+            x = nn.Conv(width, (1, 1), use_bias=False, dtype=self.dtype)(x)
+            x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+            x = nn.relu(x)
+        x = adaptive_avg_pool(x, 2).reshape(x.shape[0], -1)
+        for _ in range(self.depth):
+            x = _dense_bn_relu(x, 4 * width, train, self.dtype)
+        return _classifier(x, self.num_classes, self.dtype)
+
+
+class CNNHead(nn.Module):
+    """``cnn`` head: ``depth`` x [conv3x3 C, BN, ReLU] at full resolution -> adaptive-avg-pool 2x2 -> BN ->
+    flatten -> Dense. Costs more than the trunk itself: the paper's case for ``mlp_sr``."""
+
+    num_classes: int
+    depth: int = 2
+    width: int | None = None
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        width = self.width or x.shape[-1]
+        for _ in range(self.depth):
+            x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
+            x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+            x = nn.relu(x)
+        x = adaptive_avg_pool(x, 2)
+        x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
+        return _classifier(x.reshape(x.shape[0], -1), self.num_classes, self.dtype)
+
+
+class LinearHead(nn.Module):
+    """Flatten ``[batch, H, W, C]`` -> Dense (the DNI network's last classifier, on its 1x1 output)."""
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return _classifier(x.reshape(x.shape[0], -1), self.num_classes, self.dtype)
+
+
+class GAPLinearHead(nn.Module):
+    """Global average pool -> Dense (the ResNets' own classifier)."""
+
+    num_classes: int
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        return _classifier(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
+
+
+class DNIHead(nn.Module):
+    """The DNI-comparison auxiliary head: ``depth`` x conv5x5 (ReLU between, last zero-initialised) -> global
+    average pool -> Dense."""
+
+    num_classes: int
+    depth: int = 3
+    width: int = 128
+    dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        for i in range(self.depth):
+            last = i == self.depth - 1
+            init = nn.initializers.zeros if last else nn.linear.default_kernel_init
+            x = nn.Conv(self.width, (5, 5), padding=2, kernel_init=init, dtype=self.dtype)(x)
+            if not last:
+                x = nn.relu(x)
+        return _classifier(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
+
+
+def make_head(kind: str, num_classes: int, dtype: Dtype = jnp.float32, **kwargs: Any) -> nn.Module:
+    """Builds an auxiliary head by name (one of :data:`HEADS`)."""
+    table = {
+        "mlp_sr": MLPSRHead,
+        "mlp": MLPHead,
+        "cnn": CNNHead,
+        "linear": LinearHead,
+        "dni": DNIHead,
+        "gap_linear": GAPLinearHead,
+    }
+    if kind not in table:
+        raise ValueError(f"unknown head {kind!r}; expected one of {HEADS}")
+    return table[kind](num_classes=num_classes, dtype=dtype, **kwargs)
