@@ -35,7 +35,7 @@ def adaptive_bins(n: int, m: int) -> list[tuple[int, int]]:
     return [((i * n) // m, -((-(i + 1) * n) // m)) for i in range(m)]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _pool_matrix(n: int, m: int) -> np.ndarray:
     """``[m, n]`` averaging matrix of PyTorch's adaptive average pooling along one axis."""
     mat = np.zeros((m, n), np.float32)

@@ -33,9 +33,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
 
 
-def stage_apply(
-    stage: Stage, params: PyTree, batch_stats: PyTree, x: jax.Array, train: bool = True
-) -> StageOutput:
+def stage_apply(stage: Stage, params: PyTree, batch_stats: PyTree, x: jax.Array, train: bool = True) -> StageOutput:
     """Runs block and head of ``stage`` on ``x: [batch, H, W, C]``; BatchNorm in train mode when ``train``."""
     variables = {"params": params, "batch_stats": batch_stats}
     if train:

@@ -127,9 +127,7 @@ def make_optimizer(
     elif isinstance(decay_epochs, int):
         if decay_epochs < 1:
             raise ValueError(f"decay_epochs must be >= 1, got {decay_epochs}")
-        schedule = optax.exponential_decay(
-            learning_rate, decay_epochs * steps_per_epoch, decay_factor, staircase=True
-        )
+        schedule = optax.exponential_decay(learning_rate, decay_epochs * steps_per_epoch, decay_factor, staircase=True)
     else:
         schedule = optax.piecewise_constant_schedule(
             learning_rate, {int(e) * steps_per_epoch: decay_factor for e in decay_epochs}

@@ -92,9 +92,7 @@ def backprop_step(
         _apply_updates(stage, st, g, bs) for stage, st, g, bs in zip(stages, states, grads, new_stats, strict=True)
     ]
     nan = jnp.full((len(stages) - 1,), jnp.nan, jnp.float32)
-    metrics = StepMetrics(
-        jnp.concatenate([nan, loss[None]]), jnp.concatenate([nan, accuracy(logits, labels)[None]])
-    )
+    metrics = StepMetrics(jnp.concatenate([nan, loss[None]]), jnp.concatenate([nan, accuracy(logits, labels)[None]]))
     return new_states, metrics
 
 

@@ -40,7 +40,9 @@ def test_space_to_depth_is_invertible():
         layers.space_to_depth(jnp.zeros((1, 5, 4, 1)))
 
 
-@pytest.mark.parametrize("kind,shape", [("maxpool", (2, 4, 4, 3)), ("avgpool", (2, 4, 4, 3)), ("space_to_depth", (2, 4, 4, 12))])
+@pytest.mark.parametrize(
+    "kind,shape", [("maxpool", (2, 4, 4, 3)), ("avgpool", (2, 4, 4, 3)), ("space_to_depth", (2, 4, 4, 12))]
+)
 def test_downsamplers(kind, shape):
     x = jnp.ones((2, 8, 8, 3))
     chex.assert_shape(layers.downsample(x, kind), shape)

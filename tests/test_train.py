@@ -72,9 +72,7 @@ def test_dgl_step_equals_independent_per_stage_updates():
     # updated on its own with plain optax calls.
     x = X
     for j, (stage, st) in enumerate(zip(stages, states)):
-        (loss, out), g = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)(
-            stage, st.params, st.batch_stats, x, Y
-        )
+        (loss, out), g = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)(stage, st.params, st.batch_stats, x, Y)
         upd, opt = stage.tx.update(g, st.opt_state, st.params)
         chex.assert_trees_all_close(new_states[j].params, optax.apply_updates(st.params, upd), rtol=1e-5, atol=1e-6)
         chex.assert_trees_all_close(new_states[j].opt_state, opt, rtol=1e-5, atol=1e-6)
@@ -163,7 +161,9 @@ def test_same_seed_same_result_bit_for_bit():
         runs.append(states)
     chex.assert_trees_all_equal(runs[0], runs[1])
     _, other = build(key=4)
-    assert not all(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), runs[0][0].params, other[0].params)))
+    assert not all(
+        jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.all(a == b)), runs[0][0].params, other[0].params))
+    )
 
 
 def test_mismatched_states_are_rejected():
