@@ -1,0 +1,110 @@
+"""Step time and compiled peak memory of ``dgl_step`` vs ``backprop_step`` on the same trunk.
+
+    python benchmarks/step_time.py                       # the 4-stage paper CNN, batch 128, 32x32x3
+    python benchmarks/step_time.py --tiny                # seconds; used by the tests
+
+Both steps are jitted once (states donated), then timed alternately (dgl, backprop, dgl, ...) so that machine
+noise hits both alike; the JSON holds medians and quartiles, the ratio is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, summarize, time_call, write_json  # noqa: E402
+
+from dgl_jax import (  # noqa: E402
+    backprop_step,
+    dgl_step,
+    drop_aux_heads,
+    get_model,
+    init_stage_states,
+    make_optimizer,
+    with_optimizer,
+)
+
+
+def build(method: str, args: argparse.Namespace):
+    stages = get_model(args.model, split=args.split, head=args.head, dtype=jnp.dtype(args.dtype))
+    if method == "backprop":
+        stages = drop_aux_heads(stages)
+    stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4))
+    x = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, args.channels))
+    y = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
+    states = init_stage_states(stages, jax.random.key(0), x)
+    fn = dgl_step if method == "dgl" else backprop_step
+    step = jax.jit(functools.partial(fn, stages), donate_argnums=0)
+    compiled = step.lower(states, x, y).compile()
+    mem = compiled.memory_analysis()
+    memory = {
+        "peak_bytes": int(getattr(mem, "peak_memory_in_bytes", 0)),
+        "temp_bytes": int(mem.temp_size_in_bytes),
+        "argument_bytes": int(mem.argument_size_in_bytes),
+        "output_bytes": int(mem.output_size_in_bytes),
+    }
+    return compiled, states, x, y, memory
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cnn4")
+    p.add_argument("--split", type=int, default=4)
+    p.add_argument("--head", default="mlp_sr")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--out", default="benchmarks/results/step_time.json")
+    p.add_argument("--tiny", action="store_true", help="small model and batch: checks the script runs")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.model, args.split, args.batch, args.size, args.channels = "small_cnn", 3, 8, 8, 1
+        args.repeats, args.warmup = 3, 1
+
+    runs = {}
+    for method in ("dgl", "backprop"):
+        compiled, states, x, y, memory = build(method, args)
+        runs[method] = {"step": compiled, "states": states, "x": x, "y": y, "memory": memory, "times": []}
+    for r in range(args.warmup + args.repeats):
+        for run in runs.values():
+
+            def call(run=run):
+                run["states"], metrics = run["step"](run["states"], run["x"], run["y"])
+                return metrics
+
+            t = time_call(call)
+            if r >= args.warmup:
+                run["times"].append(t)
+    result = {
+        "benchmark": "step_time",
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": machine(),
+        **{m: {**summarize(run["times"]), "memory": run["memory"]} for m, run in runs.items()},
+    }
+    result["ratio_dgl_over_backprop"] = result["dgl"]["median_s"] / result["backprop"]["median_s"]
+    result["peak_memory_ratio_dgl_over_backprop"] = runs["dgl"]["memory"]["peak_bytes"] / max(
+        runs["backprop"]["memory"]["peak_bytes"], 1
+    )
+    write_json(args.out, result)
+    for m in ("dgl", "backprop"):
+        print(
+            f"{m:9s} median {result[m]['median_s'] * 1e3:8.1f} ms  "
+            f"(q1 {result[m]['q1_s'] * 1e3:.1f}, q3 {result[m]['q3_s'] * 1e3:.1f})  "
+            f"peak memory {result[m]['memory']['peak_bytes'] / 2**20:.1f} MiB"
+        )
+    print(f"peak memory ratio dgl/backprop: {result['peak_memory_ratio_dgl_over_backprop']:.3f}")
+    print(f"step time ratio dgl/backprop: {result['ratio_dgl_over_backprop']:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""dgl_jax's ``dgl_step`` / ``backprop_step`` vs the same model and step written in PyTorch, on one machine.
+
+    pip install torch==2.13.0          # optional, benchmark-only dependency
+    python benchmarks/vs_pytorch.py    # the 4-stage paper CNN (64-128-128-256, mlp-sr heads), 32x32x1, batch 128
+    python benchmarks/vs_pytorch.py --tiny
+
+Variants: PyTorch eager (NCHW), eager channels_last, ``torch.compile`` (one compiled function per stage
+update), and dgl_jax (jitted, states donated). Every repeat runs every variant once, alternating, so machine
+noise hits all alike; medians and quartiles go to JSON and the JAX/PyTorch ratios are printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import math
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, summarize, time_call, write_json  # noqa: E402
+
+from dgl_jax import (  # noqa: E402
+    backprop_step,
+    dgl_step,
+    drop_aux_heads,
+    get_model,
+    init_stage_states,
+    make_optimizer,
+    with_optimizer,
+)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# PyTorch side: the same architecture as dgl_jax.models.cifar_cnn with mlp_sr heads
+# ----------------------------------------------------------------------------------------------------------
+def torch_model(widths, downsample_at, in_ch, num_classes, last_head_depth):
+    import torch.nn as nn
+
+    def conv_unit(cin, cout, pool):
+        layers = [nn.MaxPool2d(2)] if pool else []
+        return nn.Sequential(*layers, nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+    class MLPSR(nn.Module):
+        def __init__(self, c, size):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(math.ceil(size / 4))
+            self.convs = nn.Sequential(
+                *[m for _ in range(3) for m in (nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU())]
+            )
+            self.pool2 = nn.AdaptiveAvgPool2d(2)
+            self.mlp = nn.Sequential(
+                *[m for _ in range(3) for m in (nn.Linear(4 * c, 4 * c, bias=False), nn.BatchNorm1d(4 * c), nn.ReLU())],
+                nn.Linear(4 * c, num_classes),
+            )
+
+        def forward(self, x):
+            return self.mlp(self.pool2(self.convs(self.pool(x))).flatten(1))
+
+    class MLPHead(nn.Module):
+        def __init__(self, c, depth):
+            super().__init__()
+            self.pool = nn.AdaptiveAvgPool2d(2)
+            self.mlp = nn.Sequential(
+                *[
+                    m
+                    for _ in range(depth)
+                    for m in (nn.Linear(4 * c, 4 * c, bias=False), nn.BatchNorm1d(4 * c), nn.ReLU())
+                ],
+                nn.Linear(4 * c, num_classes),
+            )
+
+        def forward(self, x):
+            return self.mlp(self.pool(x).flatten(1))
+
+    return conv_unit, MLPSR, MLPHead
+
+
+def build_torch(args, method, channels_last, compiled):
+    import torch
+
+    torch.manual_seed(0)
+    widths, down = (64, 128, 128, 256), (1, 3)
+    conv_unit, MLPSR, MLPHead = torch_model(widths, down, args.channels, 10, 2)
+    blocks, heads, size, cin = [], [], args.size, args.channels
+    for i, w in enumerate(widths):
+        size = size // 2 if i in down else size
+        blocks.append(conv_unit(cin, w, i in down))
+        last = i == len(widths) - 1
+        heads.append(MLPHead(w, 2) if last else (MLPSR(w, size) if method == "dgl" else None))
+        cin = w
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    mods = [
+        torch.nn.ModuleDict({"b": b, **({"h": h} if h is not None else {})}) for b, h in zip(blocks, heads, strict=True)
+    ]
+    mods = [m.to(memory_format=fmt) for m in mods]
+    opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in mods]
+    x = torch.randn(args.batch, args.channels, args.size, args.size).to(memory_format=fmt)
+    y = torch.randint(0, 10, (args.batch,))
+    ce = torch.nn.functional.cross_entropy
+
+    if method == "dgl":
+
+        def local_update(m, opt, h):
+            out = m["b"](h)
+            loss = ce(m["h"](out), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            return out.detach()
+
+        fns = [functools.partial(local_update, m, o) for m, o in zip(mods, opts, strict=True)]
+        if compiled:
+            fns = [torch.compile(f) for f in fns]
+
+        def step():
+            h = x
+            for f in fns:
+                h = f(h)
+            return h
+
+    else:
+
+        def full(h):
+            for m in mods:
+                h = m["b"](h)
+            loss = ce(mods[-1]["h"](h), y)
+            for o in opts:
+                o.zero_grad(set_to_none=True)
+            loss.backward()
+            for o in opts:
+                o.step()
+            return loss.detach()
+
+        fn = torch.compile(full) if compiled else full
+        step = functools.partial(fn, x)
+    return step
+
+
+# ----------------------------------------------------------------------------------------------------------
+# JAX side
+# ----------------------------------------------------------------------------------------------------------
+def build_jax(args, method):
+    stages = get_model("cnn4", split=4, head="mlp_sr", dtype=jnp.dtype(args.dtype))
+    if method == "backprop":
+        stages = drop_aux_heads(stages)
+    stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4))
+    x = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, args.channels))
+    y = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
+    holder = {"states": init_stage_states(stages, jax.random.key(0), x)}
+    fn = dgl_step if method == "dgl" else backprop_step
+    jitted = jax.jit(functools.partial(fn, stages), donate_argnums=0)
+
+    def step():
+        holder["states"], metrics = jitted(holder["states"], x, y)
+        return metrics
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to build)")
+    p.add_argument("--out", default="benchmarks/results/vs_pytorch.json")
+    p.add_argument("--tiny", action="store_true", help="batch 4, 8x8 inputs, 2 repeats, no torch.compile")
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.batch, args.size, args.repeats, args.warmup, args.no_compile = 4, 8, 2, 1, True
+    import torch
+
+    torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
+    variants = {}
+    for method in ("dgl", "backprop"):
+        variants[f"torch_eager_{method}"] = build_torch(args, method, False, False)
+        variants[f"torch_channels_last_{method}"] = build_torch(args, method, True, False)
+        if not args.no_compile:
+            variants[f"torch_compile_{method}"] = build_torch(args, method, False, True)
+        variants[f"jax_{method}"] = build_jax(args, method)
+    times = {k: [] for k in variants}
+    for r in range(args.warmup + args.repeats):
+        for name, fn in variants.items():
+            t = time_call(fn)
+            if r >= args.warmup:
+                times[name].append(t)
+    result = {
+        "benchmark": "vs_pytorch",
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": {**machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "variants": {k: summarize(v) for k, v in times.items()},
+    }
+    ratios = {}
+    for method in ("dgl", "backprop"):
+        jax_t = result["variants"][f"jax_{method}"]["median_s"]
+        for k, v in result["variants"].items():
+            if k.startswith("torch") and k.endswith(method):
+                ratios[f"jax_over_{k}"] = jax_t / v["median_s"]
+        best = min(v["median_s"] for k, v in result["variants"].items() if k.startswith("torch") and k.endswith(method))
+        ratios[f"jax_over_best_torch_{method}"] = jax_t / best
+    result["ratios"] = ratios
+    write_json(args.out, result)
+    for k, v in result["variants"].items():
+        print(f"{k:28s} median {v['median_s'] * 1e3:8.1f} ms  (q1 {v['q1_s'] * 1e3:.1f}, q3 {v['q3_s'] * 1e3:.1f})")
+    for k, v in ratios.items():
+        print(f"{k:40s} {v:.3f}")
+    return result
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

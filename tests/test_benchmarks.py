@@ -1,0 +1,36 @@
+"""The benchmark scripts run end to end in a tiny configuration (never timed here)."""
+
+import importlib.util
+import json
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).parents[1]
+
+
+def load(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_step_time_benchmark_tiny(tmp_path):
+    out = tmp_path / "step_time.json"
+    result = load("step_time").main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["ratio_dgl_over_backprop"] == pytest.approx(result["ratio_dgl_over_backprop"])
+    for m in ("dgl", "backprop"):
+        assert saved[m]["repeats"] == 3 and saved[m]["median_s"] > 0
+        assert saved[m]["memory"]["peak_bytes"] > 0
+    assert saved["machine"]["platform"] == "cpu"
+
+
+def test_vs_pytorch_benchmark_tiny(tmp_path):
+    pytest.importorskip("torch")
+    out = tmp_path / "vs_pytorch.json"
+    load("vs_pytorch").main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert {"jax_dgl", "torch_eager_dgl", "torch_channels_last_backprop"} <= set(saved["variants"])
+    assert saved["ratios"]["jax_over_best_torch_dgl"] > 0
