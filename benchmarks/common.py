@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -13,6 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+
+from dgl_jax import (
+    backprop_step,
+    dgl_step,
+    drop_aux_heads,
+    get_model,
+    init_stage_states,
+    make_optimizer,
+    with_optimizer,
+)
 
 
 def machine() -> dict[str, Any]:
@@ -51,3 +63,27 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
         json.dump(payload, f, indent=2)
         f.write("\n")
     os.replace(tmp, path)
+
+
+def paper_step(
+    method: str,
+    *,
+    model: str = "cnn4",
+    split: int = 4,
+    head: str = "mlp_sr",
+    dtype: str = "float32",
+    batch: int = 128,
+    size: int = 32,
+    channels: int = 3,
+):
+    """The jitted ``dgl_step`` or ``backprop_step`` (states donated) of a zoo model with the paper's SGD
+    recipe, its initial states and a random batch: ``(step, states, x, y)``."""
+    stages = get_model(model, split=split, head=head, dtype=jnp.dtype(dtype))
+    if method == "backprop":
+        stages = drop_aux_heads(stages)
+    stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4))
+    x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
+    y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
+    states = init_stage_states(stages, jax.random.key(0), x)
+    fn = {"dgl": dgl_step, "backprop": backprop_step}[method]
+    return jax.jit(functools.partial(fn, stages), donate_argnums=0), states, x, y

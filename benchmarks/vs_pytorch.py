@@ -17,22 +17,10 @@ import math
 import sys
 from pathlib import Path
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, summarize, time_call, write_json  # noqa: E402
-
-from dgl_jax import (  # noqa: E402
-    backprop_step,
-    dgl_step,
-    drop_aux_heads,
-    get_model,
-    init_stage_states,
-    make_optimizer,
-    with_optimizer,
-)
+from common import machine, paper_step, summarize, time_call, write_json  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -145,15 +133,10 @@ def build_torch(args, method, channels_last, compiled):
 # JAX side
 # ----------------------------------------------------------------------------------------------------------
 def build_jax(args, method):
-    stages = get_model("cnn4", split=4, head="mlp_sr", dtype=jnp.dtype(args.dtype))
-    if method == "backprop":
-        stages = drop_aux_heads(stages)
-    stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4))
-    x = jax.random.normal(jax.random.key(1), (args.batch, args.size, args.size, args.channels))
-    y = jax.random.randint(jax.random.key(2), (args.batch,), 0, 10)
-    holder = {"states": init_stage_states(stages, jax.random.key(0), x)}
-    fn = dgl_step if method == "dgl" else backprop_step
-    jitted = jax.jit(functools.partial(fn, stages), donate_argnums=0)
+    jitted, states, x, y = paper_step(
+        method, dtype=args.dtype, batch=args.batch, size=args.size, channels=args.channels
+    )
+    holder = {"states": states}
 
     def step():
         holder["states"], metrics = jitted(holder["states"], x, y)
