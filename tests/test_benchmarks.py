@@ -34,3 +34,11 @@ def test_vs_pytorch_benchmark_tiny(tmp_path):
     saved = json.loads(out.read_text())
     assert {"jax_dgl", "torch_eager_dgl", "torch_channels_last_backprop"} <= set(saved["variants"])
     assert saved["ratios"]["jax_over_best_torch_dgl"] > 0
+
+
+def test_xla_flags_benchmark_tiny(tmp_path):
+    out = tmp_path / "xla_flags.json"
+    load("xla_flags").main(["--tiny", "--configs", "default,bfloat16", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert not saved["errors"]
+    assert saved["ratio_to_default"]["default"] == 1.0 and saved["ratio_to_default"]["bfloat16"] > 0
