@@ -1,7 +1,10 @@
 """Datasets as in-memory NHWC float32 arrays with integer labels, normalised per channel.
 
-``digits`` (scikit-learn's bundled 8x8 digits; offline, the embedded default) and ``fashion_mnist`` (local
-IDX files, e.g. Debian's ``dataset-fashion-mnist``).
+``digits`` (scikit-learn's bundled 8x8 digits; offline, the embedded default), ``fashion_mnist`` (local
+IDX files, e.g. Debian's ``dataset-fashion-mnist``; else tfds) and the tfds datasets ``mnist``, ``cifar10``,
+``cifar100``, ``svhn_cropped``, ``imagenet2012`` read through ``tfds.data_source``, all behind
+:func:`load_dataset` (registry :data:`DATASETS`). :func:`augment_batch` is the on-device, PRNG-keyed
+random crop + flip.
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -88,3 +91,181 @@ def load_fashion_mnist(data_dir: str | os.PathLike | None = None) -> Dataset:
         "'apt-get install dataset-fashion-mnist' (Debian/Ubuntu) or pass --data-dir pointing to a folder "
         f"holding {', '.join(s + '.gz' for s in stems)}."
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Registry: one interface for every dataset
+# ----------------------------------------------------------------------------------------------------------
+# Per-channel (mean, std) of the training images scaled to [0, 1], the usual published constants.
+NORMALIZATION: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
+    "mnist": ((0.1307,), (0.3081,)),
+    "fashion_mnist_tfds": ((0.2860,), (0.3530,)),
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+    "svhn_cropped": ((0.4377, 0.4438, 0.4728), (0.1980, 0.2010, 0.1970)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+}
+
+
+class DatasetInfo(NamedTuple):
+    """A registry entry: how to load the dataset, whether a horizontal flip is a valid augmentation, and
+    how a user gets the data offline and online (shown in error messages and the README)."""
+
+    load: Any  # Callable[[str | None], Dataset]
+    flip: bool
+    offline: str
+    online: str
+
+
+def tfds_loader(name: str) -> Any:
+    """A loader reading the tfds dataset ``name`` through ``tfds.data_source`` (never downloading)."""
+    return lambda data_dir=None: load_tfds(name, data_dir)
+
+
+def _load_fashion(data_dir: str | os.PathLike | None = None) -> Dataset:
+    try:
+        return load_fashion_mnist(data_dir)
+    except FileNotFoundError as idx_error:
+        if data_dir is not None:
+            raise
+        try:
+            return load_tfds("fashion_mnist", None)
+        except FileNotFoundError as tfds_error:
+            raise FileNotFoundError(f"{idx_error} Alternatively: {tfds_error}") from None
+
+
+DATASETS: dict[str, DatasetInfo] = {
+    "digits": DatasetInfo(
+        lambda data_dir=None: load_digits(), False, "bundled with scikit-learn (1797 8x8 images)", "nothing to fetch"
+    ),
+    "fashion_mnist": DatasetInfo(
+        _load_fashion,
+        True,
+        "IDX files: apt-get install dataset-fashion-mnist (/usr/share/datasets/fashion-mnist) or --data-dir",
+        "tfds: python -m tensorflow_datasets.scripts.download_and_prepare --datasets=fashion_mnist",
+    ),
+    **{
+        name: DatasetInfo(
+            tfds_loader(name),
+            name not in ("mnist", "svhn_cropped"),
+            f"a prepared tfds folder: --data-dir DIR (or TFDS_DATA_DIR) holding {name}/<version>/",
+            (
+                "manual download of ILSVRC2012 tars to <data_dir>/downloads/manual, then tfds build imagenet2012"
+                if name == "imagenet2012"
+                else f"tfds build {name} (or download_and_prepare) on a machine with network"
+            ),
+        )
+        for name in ("mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
+    },
+}
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike | None = None, validation: float = 0.0, seed: int = 0
+) -> Dataset:
+    """Loads a registered dataset (one of :data:`DATASETS`) as normalised in-memory arrays.
+
+    ``validation`` > 0 holds out that fraction of the training set (shuffled with ``seed``) and returns it
+    in place of the test split (``name`` gets a ``[val]`` suffix), so the test set stays untouched.
+    Missing data raises ``FileNotFoundError`` within seconds, with the command that fetches it.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    if not 0.0 <= validation < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {validation}")
+    ds = DATASETS[name].load(data_dir)
+    return split_validation(ds, validation, seed) if validation else ds
+
+
+def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
+    """Holds out ``fraction`` of ``ds``'s training examples as the evaluation split (``[val]`` in the name)."""
+    n = len(ds.train_labels)
+    n_val = int(round(n * fraction))
+    if not 1 <= n_val < n:
+        raise ValueError(f"validation fraction {fraction} of {n} training examples leaves an empty split")
+    perm = np.random.default_rng(seed).permutation(n)
+    val, train = perm[:n_val], perm[n_val:]
+    return Dataset(
+        f"{ds.name}[val]",
+        ds.train_images[train],
+        ds.train_labels[train],
+        ds.train_images[val],
+        ds.train_labels[val],
+        ds.num_classes,
+    )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tfds datasets through tfds.data_source (array_record; TensorFlow is not needed to read)
+# ----------------------------------------------------------------------------------------------------------
+def default_tfds_dir() -> str:
+    """Where tfds keeps prepared data: ``$TFDS_DATA_DIR`` or ``~/tensorflow_datasets``."""
+    return os.environ.get("TFDS_DATA_DIR", os.path.expanduser("~/tensorflow_datasets"))
+
+
+def load_tfds(name: str, data_dir: str | os.PathLike | None = None, read_block: int = 4096) -> Dataset:
+    """Reads tfds dataset ``name`` (train and test splits) into memory through ``tfds.data_source``.
+
+    The builder is asked whether the data is prepared *before* anything that could download, so missing
+    data fails in seconds with instructions instead of tfds's network retries. Images ``[n, H, W, C]`` are
+    scaled to [0, 1] and standardised with :data:`NORMALIZATION`.
+    """
+    import tensorflow_datasets as tfds  # lazy: slow import, only needed for tfds datasets
+
+    data_dir = str(data_dir) if data_dir is not None else default_tfds_dir()
+    builder = tfds.builder(name, data_dir=data_dir)
+    if not builder.is_prepared():
+        info = DATASETS.get(name)
+        how = f"{info.online}; offline: {info.offline}" if info else f"tfds build {name}"
+        raise FileNotFoundError(
+            f"tfds dataset {name!r} is not prepared in {data_dir} (no download attempted). Get it with: {how}."
+        )
+    if name == "imagenet2012":
+        raise NotImplementedError(
+            "imagenet2012 is prepared but does not fit dgl_jax's in-memory input pipeline (the trainer keeps "
+            "the whole training set on the device); a streaming pipeline is not implemented yet"
+        )
+    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
+    arrays = []
+    for source in sources:
+        images, labels = [], []
+        for start in range(0, len(source), read_block):
+            idx = list(range(start, min(start + read_block, len(source))))
+            records = source.__getitems__(idx) if hasattr(source, "__getitems__") else [source[i] for i in idx]
+            images.extend(np.asarray(r["image"]) for r in records)
+            labels.extend(int(r["label"]) for r in records)
+        arrays.append((np.stack(images), np.asarray(labels, np.int32)))
+    (xtr, ytr), (xte, yte) = arrays
+    key = "fashion_mnist_tfds" if name == "fashion_mnist" else name
+    mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[key])
+    scale = lambda x: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)  # noqa: E731
+    num_classes = builder.info.features["label"].num_classes
+    return Dataset(name, scale(xtr), ytr, scale(xte), yte, int(num_classes))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# On-device augmentation
+# ----------------------------------------------------------------------------------------------------------
+def default_crop_padding(image_size: int) -> int:
+    """The paper's 4-pixel padding at 32x32, scaled with the image size (at least 1)."""
+    return max(1, image_size // 8)
+
+
+def augment_batch(key: Any, images: Any, padding: int = 4, flip: bool = True) -> Any:
+    """Random crop with zero ``padding`` plus (if ``flip``) a random horizontal flip, per example.
+
+    ``images``: ``[batch, H, W, C]`` (already normalised, so zero padding is the mean colour). Pure and
+    jittable; the same ``key`` gives the same augmentation.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    n, h, w, c = images.shape
+    k_crop, k_flip = jax.random.split(key)
+    padded = jnp.pad(images, ((0, 0), (padding, padding), (padding, padding), (0, 0)))
+    offsets = jax.random.randint(k_crop, (n, 2), 0, 2 * padding + 1)
+    crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, (o[0], o[1], 0), (h, w, c)))(padded, offsets)
+    if flip:
+        do_flip = jax.random.bernoulli(k_flip, 0.5, (n,))
+        crop = jnp.where(do_flip[:, None, None, None], crop[:, :, ::-1, :], crop)
+    return crop

@@ -156,11 +156,13 @@ def evaluate_batch(
     x: jax.Array,
     labels: jax.Array,
     weights: jax.Array | None = None,
+    mask: jax.Array | None = None,
 ) -> EvalOutput:
     """Counts correct predictions of every head in one pass through the trunk (BatchNorm in eval mode).
 
     The ensemble predicts ``argmax_c sum_j w_j softmax(logits_j)_c`` over the stages that have a head
-    (``weights``: ``[K]``, default :func:`ensemble_weights`).
+    (``weights``: ``[K]``, default :func:`ensemble_weights`). ``mask``: ``[batch]`` bool, False for padding
+    rows (a padded last batch): they count neither as correct nor in the loss.
     """
     _check(stages, states)
     k = len(stages)
@@ -173,10 +175,16 @@ def evaluate_batch(
             correct.append(jnp.zeros((), jnp.int32))
             losses.append(jnp.zeros((), jnp.float32))
             continue
-        correct.append(jnp.sum(jnp.argmax(out.logits, -1) == labels))
-        losses.append(cross_entropy(out.logits, labels) * labels.shape[0])
+        if mask is None:
+            correct.append(jnp.sum(jnp.argmax(out.logits, -1) == labels))
+            losses.append(cross_entropy(out.logits, labels) * labels.shape[0])
+        else:
+            correct.append(jnp.sum((jnp.argmax(out.logits, -1) == labels) & mask))
+            per_example = optax.softmax_cross_entropy_with_integer_labels(out.logits.astype(jnp.float32), labels)
+            losses.append(jnp.sum(jnp.where(mask, per_example, 0.0)))
         probs = probs + weights[j] * jax.nn.softmax(out.logits)
-    ensemble = jnp.sum(jnp.argmax(probs, -1) == labels)
+    hits = jnp.argmax(probs, -1) == labels
+    ensemble = jnp.sum(hits if mask is None else hits & mask)
     return EvalOutput(jnp.stack(correct), ensemble, jnp.stack(losses))
 
 
