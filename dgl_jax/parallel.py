@@ -27,11 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -370,10 +371,12 @@ class PipelinedDGL:
         self._compiled: list[Any] | None = None
 
     def place(self, states: Sequence[StageState]) -> list[StageState]:
-        """Commits ``states[j]`` to stage j's devices (replicated over a data-parallel group)."""
+        """Commits a copy of ``states[j]`` to stage j's devices (replicated over a data-parallel group)."""
         if len(states) != self.placement.num_stages:
             raise ValueError(f"got {len(states)} states for {self.placement.num_stages} stages")
-        return [jax.device_put(s, self.placement.state_sharding(j), may_alias=False) for j, s in enumerate(states)]
+        # Through the host: fresh buffers, so donating the placed states never deletes the caller's arrays
+        # (a replicated device_put may alias a buffer already on one of the target devices).
+        return [jax.device_put(jax.device_get(s), self.placement.state_sharding(j)) for j, s in enumerate(states)]
 
     def _check_batch(self, batch: int) -> None:
         for j, devs in enumerate(self.placement.stage_devices):
@@ -449,3 +452,278 @@ def message_shapes(stages: Sequence[Stage], states: Sequence[StageState], x: jax
         xs = jax.eval_shape(functools.partial(stage_step, stage), st, xs, labels)[1]
         shapes.append(tuple(xs.shape))
     return shapes
+
+
+# ----------------------------------------------------------------------------------------------------------
+# SPMD: one shard_map program over a 'stage' mesh axis, messages through lax.ppermute
+# ----------------------------------------------------------------------------------------------------------
+class _Packer:
+    """Packs one pytree of arrays into a float32 vector and an int32 vector (padded to given sizes) and back.
+
+    Floating leaves (float32/bfloat16/float16) go to the float vector, integer and bool leaves to the int
+    vector; the round trip is exact for those dtypes (ints up to 2**31).
+    """
+
+    def __init__(self, tree: PyTree):
+        leaves, self.treedef = jax.tree.flatten(tree)
+        self.specs = []  # (is_float, offset, shape, dtype)
+        nf = ni = 0
+        for leaf in leaves:
+            dtype, size = jnp.dtype(leaf.dtype), math.prod(leaf.shape)
+            if jnp.issubdtype(dtype, jnp.floating):
+                self.specs.append((True, nf, tuple(leaf.shape), dtype))
+                nf += size
+            elif jnp.issubdtype(dtype, jnp.integer) or dtype == jnp.bool_:
+                self.specs.append((False, ni, tuple(leaf.shape), dtype))
+                ni += size
+            else:
+                raise ValueError(f"cannot pack a leaf of dtype {dtype}: expected floating, integer or bool")
+        self.num_floats, self.num_ints = nf, ni
+
+    def pack(self, tree: PyTree, nf: int, ni: int, xp: Any = jnp) -> tuple[Any, Any]:
+        fs = [xp.zeros((0,), xp.float32)]
+        is_ = [xp.zeros((0,), xp.int32)]
+        for (is_float, _, _, _), leaf in zip(self.specs, jax.tree.leaves(tree), strict=True):
+            (fs if is_float else is_).append(xp.ravel(leaf).astype(xp.float32 if is_float else xp.int32))
+        f, i = xp.concatenate(fs), xp.concatenate(is_)
+        return xp.pad(f, (0, nf - f.shape[0])), xp.pad(i, (0, ni - i.shape[0]))
+
+    def unpack(self, f: jax.Array, i: jax.Array) -> PyTree:
+        leaves = []
+        for is_float, off, shape, dtype in self.specs:
+            src = f if is_float else i
+            leaves.append(src[off : off + math.prod(shape)].reshape(shape).astype(dtype))
+        return jax.tree.unflatten(self.treedef, leaves)
+
+
+class SpmdState(NamedTuple):
+    """The whole pipeline as stacked arrays, row j on stage j's devices (mesh axis ``'stage'``):
+
+    ``floats [K, Pf]`` / ``ints [K, Pi]``: each stage's :class:`StageState`, packed and zero-padded;
+    ``msg [K, B, M]``: the (flattened, padded) input stage j will consume at the next tick, received from
+    stage j-1; ``labels [K, B]``: its labels; ``valid [K]``: whether that message is a real batch (False
+    during the pipeline's fill).
+    """
+
+    floats: jax.Array
+    ints: jax.Array
+    msg: jax.Array
+    labels: jax.Array
+    valid: jax.Array
+
+
+class SpmdPipeline:
+    """Synchronous DGL as one SPMD program over the mesh axis ``stage_axis`` (size K = number of stages).
+
+    **What one tick computes.** ``tick(state, x_t, labels_t, valid_t)``: every stage j runs, in parallel,
+    its local update (:func:`~dgl_jax.train.stage_step`) on its input: stage 0 on the fresh batch ``x_t``,
+    stage j > 0 on the message stage j-1 sent at the previous tick. Each stage then sends its output
+    (computed with its pre-update params) to stage j+1 with ``lax.ppermute``. So tick t updates stage j on
+    batch ``t - j`` with stage j-1's pre-update output from tick t-1; a stage whose input is not a real
+    batch (the first j ticks: pipeline fill; ``valid_t=False``: drain) keeps its state. After T batches and
+    K-1 drain ticks every stage has taken exactly the updates of T :func:`~dgl_jax.train.dgl_step` calls, in
+    the same order (:meth:`run` does this).
+
+    **Stages of different shapes.** Each stage's state is packed into a zero-padded float32 vector (and an
+    int32 one) of the largest stage's size, stacked ``[K, Pf]`` and sharded over ``stage_axis``; messages
+    are flattened per example and padded to the largest message ``[B, M]``. Inside ``shard_map`` the stage
+    picks its own computation with ``lax.switch(lax.axis_index(stage_axis), ...)``. The cost: every device
+    holds the padded size of the largest stage, and every message is as big as the largest one.
+
+    **Data parallelism.** A mesh ``(stage_axis, data_axis)`` also splits the batch over ``data_axis``:
+    ``shard_map`` is manual over ``stage_axis`` only, and XLA partitions each stage's update over the data
+    axis (the gradient mean over the full batch is inserted automatically).
+
+    Across hosts: build ``mesh`` over ``jax.devices()`` after ``jax.distributed.initialize(...)``; every
+    process passes the same host data to :meth:`init` and :meth:`tick`.
+    """
+
+    def __init__(
+        self,
+        stages: Sequence[Stage],
+        mesh: Mesh,
+        example_states: Sequence[StageState],
+        example_x: jax.Array,
+        *,
+        stage_axis: str = "stage",
+        data_axis: str | None = None,
+    ):
+        k = len(stages)
+        if len(example_states) != k:
+            raise ValueError(f"got {len(example_states)} states for {k} stages")
+        if stage_axis not in mesh.shape:
+            raise ValueError(f"mesh axes {tuple(mesh.shape)} have no stage axis {stage_axis!r}")
+        for name, size in mesh.shape.items():
+            if size < 1:
+                raise ValueError(f"mesh axis {name!r} is empty")
+        if mesh.shape[stage_axis] != k:
+            raise ValueError(
+                f"mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices but there are {k} stages: "
+                "SPMD needs exactly one position on the stage axis per stage"
+            )
+        extra = set(mesh.shape) - {stage_axis} - ({data_axis} if data_axis else set())
+        if extra:
+            raise ValueError(f"mesh axes {sorted(extra)} are neither the stage axis nor data_axis={data_axis!r}")
+        if data_axis is not None:
+            if data_axis not in mesh.shape:
+                raise ValueError(f"data_axis {data_axis!r} is not a mesh axis {tuple(mesh.shape)}")
+            if example_x.shape[0] % mesh.shape[data_axis]:
+                raise ValueError(
+                    f"batch {example_x.shape[0]} is not divisible by the {mesh.shape[data_axis]} devices of "
+                    f"axis {data_axis!r}"
+                )
+        self.stages, self.mesh, self.k = list(stages), mesh, k
+        self.stage_axis, self.data_axis = stage_axis, data_axis
+        self.batch = example_x.shape[0]
+        # Input shape and dtype of every stage, by abstract evaluation.
+        self.in_shapes, self.in_dtypes = [], []
+        xs = jax.ShapeDtypeStruct(example_x.shape, example_x.dtype)
+        labels = jax.ShapeDtypeStruct((self.batch,), jnp.int32)
+        for stage, st in zip(stages, example_states, strict=True):
+            self.in_shapes.append(tuple(xs.shape[1:]))
+            self.in_dtypes.append(jnp.dtype(xs.dtype))
+            xs = jax.eval_shape(functools.partial(stage_step, stage), st, xs, labels)[1]
+        self.msg_size = max(math.prod(s) for s in self.in_shapes)
+        self.packers = [_Packer(st) for st in example_states]
+        self.num_floats = max(max(p.num_floats for p in self.packers), 1)
+        self.num_ints = max(max(p.num_ints for p in self.packers), 1)
+        self._tick = self._build_tick()
+
+    # -- shardings -----------------------------------------------------------------------------------------
+    def _spec(self, *rest: Any) -> P:
+        return P(self.stage_axis, *rest)
+
+    def _shardings(self) -> SpmdState:
+        d = self.data_axis
+        return SpmdState(
+            NamedSharding(self.mesh, self._spec()),
+            NamedSharding(self.mesh, self._spec()),
+            NamedSharding(self.mesh, self._spec(d)),
+            NamedSharding(self.mesh, self._spec(d)),
+            NamedSharding(self.mesh, self._spec()),
+        )
+
+    def _global(self, host: np.ndarray, sharding: NamedSharding) -> jax.Array:
+        host = np.asarray(host)
+        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    # -- state in and out ----------------------------------------------------------------------------------
+    def init(self, states: Sequence[StageState]) -> SpmdState:
+        """Packs ``states`` (the same on every process) into a placed :class:`SpmdState` (empty pipeline)."""
+        host = [
+            p.pack(jax.device_get(st), self.num_floats, self.num_ints, np)
+            for p, st in zip(self.packers, states, strict=True)
+        ]
+        sh = self._shardings()
+        return SpmdState(
+            self._global(np.stack([h[0] for h in host]), sh.floats),
+            self._global(np.stack([h[1] for h in host]), sh.ints),
+            self._global(np.zeros((self.k, self.batch, self.msg_size), np.float32), sh.msg),
+            self._global(np.zeros((self.k, self.batch), np.int32), sh.labels),
+            self._global(np.zeros((self.k,), bool), sh.valid),
+        )
+
+    def unpack(self, state: SpmdState) -> list[StageState]:
+        """The per-stage :class:`StageState` s as host numpy (gathered from every process)."""
+        floats, ints = _gather(state.floats), _gather(state.ints)
+        return [p.unpack(floats[j], ints[j]) for j, p in enumerate(self.packers)]
+
+    # -- the tick ------------------------------------------------------------------------------------------
+    def _flat_input(self, x: jax.Array) -> jax.Array:
+        x = x.reshape(x.shape[0], -1).astype(jnp.float32)
+        return jnp.pad(x, ((0, 0), (0, self.msg_size - x.shape[1])))
+
+    def _build_tick(self) -> Callable[..., Any]:
+        k, ax = self.k, self.stage_axis
+
+        def branch(j):
+            stage, packer = self.stages[j], self.packers[j]
+            size = math.prod(self.in_shapes[j])
+
+            def run(f, i, msg, labels, valid):
+                st = packer.unpack(f, i)
+                x = msg[:, :size].reshape(msg.shape[0], *self.in_shapes[j]).astype(self.in_dtypes[j])
+                new, out, loss, acc = stage_step(stage, st, x, labels)
+                nf, ni = packer.pack(new, self.num_floats, self.num_ints)
+                nf, ni = jnp.where(valid, nf, f), jnp.where(valid, ni, i)
+                return nf, ni, self._flat_input(out), loss.astype(jnp.float32), acc.astype(jnp.float32)
+
+            return run
+
+        branches = [branch(j) for j in range(k)]
+        perm = [(j, j + 1) for j in range(k - 1)]
+
+        def body(floats, ints, msg, labels, valid, x, y, valid_in):
+            j = jax.lax.axis_index(ax)
+            first = j == 0
+            msg_j = jnp.where(first, x, msg[0])
+            labels_j = jnp.where(first, y, labels[0])
+            valid_j = jnp.where(first, valid_in, valid[0])
+            nf, ni, out, loss, acc = jax.lax.switch(j, branches, floats[0], ints[0], msg_j, labels_j, valid_j)
+            sent = jax.lax.ppermute((out, labels_j, valid_j), ax, perm)
+            return (
+                nf[None],
+                ni[None],
+                sent[0][None],
+                sent[1][None],
+                sent[2][None],
+                jnp.where(valid_j, loss, jnp.nan)[None],
+                jnp.where(valid_j, acc, jnp.nan)[None],
+            )
+
+        # Manual over the stage axis only: a data axis stays automatic (XLA splits the batch inside a stage).
+        st_specs = (self._spec(),) * 5
+        smap = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=(*st_specs, P(), P(), P()),
+            out_specs=(*st_specs, self._spec(), self._spec()),
+            axis_names={ax},
+            check_vma=False,
+        )
+
+        def tick(state, x, y, valid_in):
+            out = smap(*state, self._flat_input(x), y, valid_in)
+            return SpmdState(*out[:5]), StepMetrics(out[5], out[6])
+
+        return jax.jit(tick, donate_argnums=0)
+
+    def tick(self, state: SpmdState, x: Any, labels: Any, valid: bool = True) -> tuple[SpmdState, StepMetrics]:
+        """One tick (see the class docstring): stage 0 takes ``x: [B, H, W, C]``/``labels: [B]`` (host
+        arrays, the same on every process; ignored when ``valid`` is False). Returns the new state and
+        per-stage metrics ``[K]`` of this tick (NaN for a stage that did not update)."""
+        if np.shape(x)[0] != self.batch:
+            raise ValueError(f"batch {np.shape(x)[0]} differs from the batch {self.batch} the pipeline was built for")
+        d = self.data_axis
+        x = self._global(np.asarray(x), NamedSharding(self.mesh, P(d)))
+        y = self._global(np.asarray(labels, np.int32), NamedSharding(self.mesh, P(d)))
+        v = self._global(np.asarray(valid, bool), NamedSharding(self.mesh, P()))
+        return self._tick(state, x, y, v)
+
+    def run(self, state: SpmdState, batches: Sequence[tuple[Any, Any]]) -> tuple[SpmdState, StepMetrics]:
+        """Feeds T batches then K-1 drain ticks: the result equals T :func:`~dgl_jax.train.dgl_step` calls.
+
+        Returns the state and host metrics ``[T, K]`` (row t: every stage's loss on batch t)."""
+        batches = list(batches)
+        if not batches:
+            raise ValueError("run needs at least one batch")
+        zeros = (np.zeros_like(np.asarray(batches[0][0])), np.zeros_like(np.asarray(batches[0][1])))
+        ticks = []
+        for t in range(len(batches) + self.k - 1):
+            x, y = batches[t] if t < len(batches) else zeros
+            state, m = self.tick(state, x, y, t < len(batches))
+            ticks.append(m)
+        loss = np.stack([_gather(m.loss) for m in ticks])
+        acc = np.stack([_gather(m.accuracy) for m in ticks])
+        rows = np.arange(len(batches))[:, None] + np.arange(self.k)[None, :]
+        cols = np.broadcast_to(np.arange(self.k), rows.shape)
+        return state, StepMetrics(loss[rows, cols], acc[rows, cols])
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """A global array as host numpy, from every process."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))

@@ -559,3 +559,9 @@ def _eval_all(stages, states, xs, ys, mask):
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
     total, _ = jax.lax.scan(one, zero, (xs, ys, mask))
     return total
+
+
+# Methods defined next to their algorithms register themselves once the registry exists.
+from dgl_jax.dni import register_methods as _register_dni  # noqa: E402
+
+_register_dni()

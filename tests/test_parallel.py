@@ -8,9 +8,10 @@ import chex
 import jax
 import numpy as np
 import pytest
+from jax.sharding import AxisType
 
 from dgl_jax import dgl_step, get_model, init_stage_states, make_optimizer, with_optimizer
-from dgl_jax.parallel import PipelinedDGL, Workers, make_placement, run_chain
+from dgl_jax.parallel import PipelinedDGL, SpmdPipeline, Workers, make_placement, message_shapes, run_chain
 
 T = 3  # batches per run
 X = jax.random.normal(jax.random.key(1), (T, 16, 8, 8, 1))
@@ -141,3 +142,78 @@ def test_pipelined_matches_dgl_step(model, reference, placement_kwargs):
     chex.assert_trees_all_close(jax.device_get(final), jax.device_get(ref_states), rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(metrics.loss, ref_loss, rtol=RTOL, atol=ATOL)
     assert metrics.loss.shape == (T, len(stages))
+
+
+def test_pipeline_rejects_mismatches_before_compiling(model):
+    stages, states = model
+    with pytest.raises(ValueError, match="every stage needs a device"):
+        PipelinedDGL(stages, make_placement(2))
+    pipe = PipelinedDGL(stages, make_placement(3, assignment=[[0, 1], [2, 3], [2, 3]]))
+    with pytest.raises(ValueError, match="compile"):
+        pipe.run(states, [(X[0], Y[0])])
+    with pytest.raises(ValueError, match="not divisible"):
+        pipe.compile(pipe.place(states), X[0, :15], Y[0, :15])
+
+
+def test_message_shapes(model):
+    stages, states = model
+    assert message_shapes(stages, states, X[0]) == [(16, 8, 8, 32), (16, 4, 4, 64)]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SPMD pipeline
+# ---------------------------------------------------------------------------------------------------------
+def _mesh(shape, names):
+    n = int(np.prod(shape))
+    return jax.make_mesh(shape, names, axis_types=(AxisType.Auto,) * len(shape), devices=jax.devices()[:n])
+
+
+def test_spmd_heterogeneous_stages_match_dgl_step(model, reference):
+    """3 stages of different shapes (8x8x32, 4x4x64, 2x2x128 outputs) on a ('stage',) mesh of 3 devices."""
+    stages, states = model
+    pipe = SpmdPipeline(stages, _mesh((3,), ("stage",)), states, X[0])
+    state = pipe.init(states)
+    # Row j of the stacked state lives on the j-th device of the stage axis.
+    for shard in state.floats.addressable_shards:
+        assert shard.device == pipe.mesh.devices[shard.index[0].start]
+    # Tick 0 (pipeline fill): only stage 0 has a real batch; the others keep their state.
+    state, m = pipe.tick(state, X[0], Y[0])
+    loss = np.asarray(m.loss)
+    assert np.isfinite(loss[0]) and np.isnan(loss[1:]).all()
+    unchanged = pipe.unpack(state)
+    chex.assert_trees_all_equal(unchanged[1:], jax.device_get(states[1:]))
+    # The full run: T batches + K-1 drain ticks == T dgl_step calls.
+    state, metrics = pipe.run(pipe.init(states), [(X[t], Y[t]) for t in range(T)])
+    ref_states, ref_loss = reference
+    chex.assert_trees_all_close(pipe.unpack(state), jax.device_get(ref_states), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics.loss, ref_loss, rtol=RTOL, atol=ATOL)
+
+
+def test_spmd_stage_and_data_axes_match_dgl_step():
+    stages = with_optimizer(get_model("small_cnn", split=2), lambda j: make_optimizer("sgd", 0.05))
+    states = init_stage_states(stages, jax.random.key(0), X[0])
+    step = jax.jit(functools.partial(dgl_step, stages))
+    ref, losses = states, []
+    for t in range(T):
+        ref, m = step(ref, X[t], Y[t])
+        losses.append(np.asarray(m.loss))
+    pipe = SpmdPipeline(stages, _mesh((2, 2), ("stage", "data")), states, X[0], data_axis="data")
+    state, metrics = pipe.run(pipe.init(states), [(X[t], Y[t]) for t in range(T)])
+    assert tuple(state.msg.sharding.spec) == ("stage", "data")
+    chex.assert_trees_all_close(pipe.unpack(state), jax.device_get(ref), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics.loss, np.stack(losses), rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize(
+    "shape, names, kwargs, match",
+    [
+        ((2,), ("stage",), {}, "has 2 devices but there are 3 stages"),
+        ((3,), ("pipe",), {}, "no stage axis 'stage'"),
+        ((3, 1), ("stage", "data"), {}, "neither the stage axis"),
+        ((3, 1), ("stage", "data"), {"data_axis": "batch"}, "neither the stage axis"),
+    ],
+)
+def test_spmd_bad_meshes_raise(model, shape, names, kwargs, match):
+    stages, states = model
+    with pytest.raises(ValueError, match=match):
+        SpmdPipeline(stages, _mesh(shape, names), states, X[0], **kwargs)
