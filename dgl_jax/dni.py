@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from dgl_jax.objective import accuracy, cross_entropy
-from dgl_jax.stage import Stage, StageState, init_stage_states
+from dgl_jax.stage import Stage, StageState, drop_aux_heads, init_stage_states
 
 
 class Synthesizer(nn.Module):
@@ -181,3 +181,90 @@ def dni_step(
         synth_losses.append(sl)
     metrics = DNIMetrics(loss, accuracy(logits, labels), jnp.stack(synth_losses) if synth_losses else jnp.zeros(0))
     return new_states, new_synth, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Trainer methods: --method dni / --method cdni
+# ----------------------------------------------------------------------------------------------------------
+SYNTH_OPTIONS = {"synth_lr": 3e-5, "synth_width": 128, "synth_depth": 3, "synth_kernel": 5}
+
+
+def _synths_for(stages: Sequence[Stage], config, conditional: bool) -> list[Stage]:
+    o = {**SYNTH_OPTIONS, **config.method_options}
+    return synthesizer_stages(
+        len(stages) - 1,
+        conditional=conditional,
+        num_classes=_num_classes(stages),
+        learning_rate=float(o["synth_lr"]),
+        depth=int(o["synth_depth"]),
+        width=int(o["synth_width"]),
+        kernel=int(o["synth_kernel"]),
+    )
+
+
+def _num_classes(stages: Sequence[Stage]) -> int:
+    return int(stages[-1].head.num_classes)
+
+
+def _validate(config) -> None:
+    unknown = sorted(set(config.method_options) - set(SYNTH_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown {config.method} options {unknown}; expected some of {sorted(SYNTH_OPTIONS)}")
+    o = {**SYNTH_OPTIONS, **config.method_options}
+    if not float(o["synth_lr"]) > 0:
+        raise ValueError(f"synth_lr {o['synth_lr']!r} is not valid; expected a number > 0")
+    for name in ("synth_width", "synth_depth", "synth_kernel"):
+        if not int(o[name]) >= 1:
+            raise ValueError(f"{name} {o[name]!r} is not valid; expected an integer >= 1")
+
+
+def register_methods() -> None:
+    """Registers ``dni`` and ``cdni`` in the trainer's method registry (options: :data:`SYNTH_OPTIONS`)."""
+    from dgl_jax.trainer import METHODS, Method, register_method
+
+    def make(conditional: bool):
+        def init_extra(stages, states, config, key, example):
+            synths = _synths_for(stages, config, conditional)
+            shapes, x = [], example
+            for stage, st in zip(stages[:-1], states[:-1], strict=True):
+                variables = {"params": st.params, "batch_stats": st.batch_stats}
+                fn = functools.partial(stage.module.apply, method=stage.module.features, train=False)
+                x = jax.eval_shape(fn, variables, x)
+                shapes.append(x)
+            return {"synth": init_synthesizers(synths, key, shapes)}
+
+        def make_step(stages, config, phase, features):
+            synths = _synths_for(stages, config, conditional)
+
+            def step(states, extra, x, y, key):
+                states, synth, m = dni_step(stages, synths, states, extra["synth"], x, y)
+                k = len(stages)
+                nan = jnp.full((k - 1,), jnp.nan, jnp.float32)
+                metrics = {
+                    "loss": jnp.concatenate([nan, m.loss[None]]),
+                    "accuracy": jnp.concatenate([nan, m.accuracy[None]]),
+                    "synth_loss": jnp.concatenate([m.synth_loss, jnp.full((1,), jnp.nan, jnp.float32)]),
+                }
+                return states, {"synth": synth}, metrics
+
+            return step
+
+        return init_extra, make_step
+
+    for name, conditional, text in (
+        ("dni", False, "decoupled neural interfaces: blocks update from synthetic gradients (Jaderberg et al.)"),
+        ("cdni", True, "DNI with label-conditioned synthesizers"),
+    ):
+        if name in METHODS:
+            continue
+        init_extra, make_step = make(conditional)
+        register_method(
+            Method(
+                name,
+                text,
+                make_step,
+                prepare_stages=lambda stages, config: drop_aux_heads(stages),
+                init_extra=init_extra,
+                validate=_validate,
+            )
+        )

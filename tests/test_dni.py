@@ -73,3 +73,17 @@ def test_dni_refuses_aux_heads_and_wrong_synth_count():
     states, ss = init_dni(stages, synths, jax.random.key(0), X)
     with pytest.raises(ValueError, match="drop_aux_heads"):
         dni_step(stages, synths, states, ss, X, Y)
+
+
+@pytest.mark.parametrize("method", ["dni", "cdni"])
+def test_dni_methods_train_through_the_trainer(method):
+    from dgl_jax.trainer import TrainConfig, Trainer
+
+    config = TrainConfig(method=method, epochs=1, method_options={"synth_width": 8, "synth_kernel": 3})
+    trainer = Trainer(config, log=lambda s: None)
+    event = list(trainer.fit(trainer.init_state()))[-1]
+    assert len(event.state.extra["synth"]) == 2
+    assert np.isfinite(event.train["loss"][-1]) and np.isnan(event.train["loss"][0])
+    assert event.eval["accuracy"][-1] > 0.3  # one epoch on digits; chance is 0.1
+    with pytest.raises(ValueError, match=r"unknown dni options \['bogus'\]"):
+        Trainer(TrainConfig(method="dni", method_options={"bogus": 1}))
