@@ -132,11 +132,12 @@ def cifar_cnn(
     head_kwargs: dict | None = None,
     downsampler: str = "maxpool",
     last_head_depth: int = 2,
+    width_mult: float = 1.0,
     dtype: Dtype = jnp.float32,
 ) -> list[Stage]:
-    """The paper's conv3x3-BN-ReLU CNNs: layer ``i`` has ``widths[i]`` channels and is preceded by a 2x
-    downsampling (``downsampler``) when ``i in downsample_at`` (0-based). Last head: pool 2x2 ->
-    ``last_head_depth`` x [Dense 4C, BN, ReLU] -> Dense.
+    """The paper's conv3x3-BN-ReLU CNNs: layer ``i`` has ``widths[i] * width_mult`` channels and is preceded
+    by a 2x downsampling (``downsampler``) when ``i in downsample_at`` (0-based). Last head: pool 2x2 ->
+    ``last_head_depth`` x [Dense 4C, BN, ReLU] -> Dense. ``width_mult < 1`` gives CPU-sized variants.
 
     Paper nets: learning curves ``(64,128,128,256)``/``(1,3)``; aux-head study
     ``(128,256,256,512,512,512)``/``(1,3)``; async/buffer ``(128,128,256,256,512,512)``/``(2,4)``.
@@ -144,6 +145,9 @@ def cifar_cnn(
     bad = [i for i in downsample_at if not 0 <= i < len(widths)]
     if bad:
         raise ValueError(f"downsample_at {bad} out of range for {len(widths)} layers")
+    if not width_mult > 0:
+        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    widths = [max(1, round(w * width_mult)) for w in widths]
     units = [
         Unit(f"conv{i + 1}", ConvBNReLU(w, 3, pre=downsampler if i in downsample_at else None, dtype=dtype), 1)
         for i, w in enumerate(widths)
@@ -174,6 +178,7 @@ def small_cnn(
     split: Split = None,
     head: str = "mlp_sr",
     head_kwargs: dict | None = None,
+    width_mult: float = 1.0,
     dtype: Dtype = jnp.float32,
 ) -> list[Stage]:
     """The quick-start CNN (3 stages, widths 32-64-128, 2x max-pool before layers 2 and 3): small enough to
@@ -186,6 +191,7 @@ def small_cnn(
         head=head,
         head_kwargs=head_kwargs,
         last_head_depth=1,
+        width_mult=width_mult,
         dtype=dtype,
     )
 
@@ -383,10 +389,16 @@ MODELS: dict[str, Callable[..., list[Stage]]] = {
 
 
 def get_model(name: str, **kwargs: Any) -> list[Stage]:
-    """Builds a zoo model by name (one of :data:`MODELS`) with keyword overrides (``split``, ``head``, ...)."""
+    """Builds a zoo model by name (one of :data:`MODELS`) with keyword overrides (``split``, ``head``,
+    ``width_mult``, ...); an option the model does not take is a ``ValueError`` naming it."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; expected one of {sorted(MODELS)}")
-    return MODELS[name](**kwargs)
+    try:
+        return MODELS[name](**kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" in str(e):
+            raise ValueError(f"model {name!r} does not take the option {str(e).split('argument ')[-1]}") from None
+        raise
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ class TrainConfig:
     ``dispatch`` as one jitted step per batch with no host synchronisation inside the chunk, ``auto`` picks
     ``dispatch`` on CPU (XLA:CPU runs these convolutions ~4x slower inside a loop) and ``scan`` elsewhere;
     ``feature_cache_mb``: largest cached frozen-feature array the sequential
-    method keeps on device (0 disables the cache); ``method_options``: options of the chosen method."""
+    method keeps on device (0 disables the cache); ``method_options``: options of the chosen method;
+    ``model_options``: extra keyword arguments of the zoo model (e.g. ``{"width_mult": 0.25}``)."""
 
     method: str = "dgl"
     model: str = "small_cnn"
@@ -82,6 +83,7 @@ class TrainConfig:
     loop: str = "auto"
     feature_cache_mb: float = 1024.0
     method_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = dataclasses.field(default_factory=dict)
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -338,7 +340,7 @@ class Trainer:
             kwargs["split"] = config.split
         if config.head is not None:
             kwargs["head"] = config.head
-        stages = get_model(config.model, **kwargs)
+        stages = get_model(config.model, **kwargs, **config.model_options)
         tx = functools.partial(
             make_optimizer,
             config.optimizer,
