@@ -369,16 +369,20 @@ class Trainer:
         self._phase = None
         self._phase_x = None
         self._order = None
+        self._initial = None
         self._order_fn = jax.jit(functools.partial(_epoch_order, n=n))
 
     # -- state -------------------------------------------------------------------------------------------
     def init_state(self) -> RunState:
-        """Fresh run state from ``config.seed`` (stage params from ``fold_in(key, 0)``)."""
-        key = jax.random.key(self.config.seed)
-        example = self.train_images[:1]
-        states = init_stage_states(self.stages, jax.random.fold_in(key, 0), example)
-        extra = self.method.init_extra(self.stages, states, self.config, jax.random.fold_in(key, 3), example)
-        return RunState(states, extra, key, 0, 0)
+        """Fresh run state from ``config.seed`` (stage params from ``fold_in(key, 0)``); computed once per
+        trainer (the arrays are immutable and never donated, so the cached state can be handed out again)."""
+        if self._initial is None:
+            key = jax.random.key(self.config.seed)
+            example = self.train_images[:1]
+            states = init_stage_states(self.stages, jax.random.fold_in(key, 0), example)
+            extra = self.method.init_extra(self.stages, states, self.config, jax.random.fold_in(key, 3), example)
+            self._initial = RunState(states, extra, key, 0, 0)
+        return self._initial
 
     def describe(self) -> str:
         """One line about the data actually used per epoch (the last partial batch is dropped)."""
@@ -460,6 +464,7 @@ class Trainer:
         bit-identically the same run as never stopping.
         """
         cfg = self.config
+        self._phase = self._phase_x = None  # phase inputs are recomputed from the state being resumed
         while state.epoch < self.total_epochs:
             phase = state.epoch // cfg.epochs
             if phase != self._phase:
