@@ -217,3 +217,30 @@ def test_spmd_bad_meshes_raise(model, shape, names, kwargs, match):
     stages, states = model
     with pytest.raises(ValueError, match=match):
         SpmdPipeline(stages, _mesh(shape, names), states, X[0], **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The benchmark script runs end to end (tiny; its timings are not checked here)
+# ---------------------------------------------------------------------------------------------------------
+def test_pipeline_benchmark_tiny(tmp_path):
+    import importlib.util
+    import json
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "pipeline.py"
+    spec = importlib.util.spec_from_file_location("pipeline_benchmark", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    out = tmp_path / "pipeline.json"
+    mod.main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    o = saved["overlap"]["round0"]["K=2"]
+    assert o["k_devices"]["efficiency"] > 0 and o["sequential_one_device"]["repeats"] == 2
+    best = saved["balance"]["best_split_per_k"]["2"]
+    assert best["predicted_speedup"] == pytest.approx(sum(best["stage_ms"]) / max(best["stage_ms"]))
+    assert set(saved["balance"]["splits"]) == {"[1, 2]", "[2, 1]"}
+    b0 = saved["traffic"]["boundaries"][0]
+    assert b0["message_shape"] == [8, 8, 8, 32]
+    assert b0["float32_bytes"] == 8 * 8 * 8 * 32 * 4 + 8 * 4
+    if "vq" in b0:  # 2 groups of 16 channels, one uint8 code each per pixel
+        assert b0["vq"]["code_bytes"] == 8 * 8 * 8 * 2 + 8 * 4
