@@ -118,6 +118,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--method-option", dest="method_options", type=_option, action="append", help="KEY=VALUE (JSON value)"
     )
+    train.add_argument(
+        "--model-option",
+        dest="model_options",
+        type=_option,
+        action="append",
+        help="zoo KEY=VALUE, e.g. width_mult=0.25",
+    )
     train.add_argument("--out", help="run folder (default runs/<dataset>-<model>-<method>-<time>)")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
@@ -245,8 +252,9 @@ def resolve_config(args: argparse.Namespace):
     from dgl_jax.trainer import config_from_dict
 
     explicit = {field: getattr(args, field) for _, field, _, _ in _FIELDS if getattr(args, field) is not None}
-    if args.method_options:
-        explicit["method_options"] = dict(args.method_options)
+    for name in ("method_options", "model_options"):
+        if getattr(args, name):
+            explicit[name] = dict(getattr(args, name))
     if args.resume:
         run = Path(args.resume)
         path = run / "config.json"
