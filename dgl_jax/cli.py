@@ -326,6 +326,7 @@ def cmd_train(args: argparse.Namespace, t_start: float) -> int:
     import jax
 
     ckpt_dir = run_dir / "checkpoints"
+    print(trainer.describe(), flush=True)
     state = trainer.init_state()
     if args.resume:
         try:
@@ -359,7 +360,6 @@ def cmd_train(args: argparse.Namespace, t_start: float) -> int:
             },
         )
         checkpointer = Checkpointer(ckpt_dir, args.keep)
-    print(trainer.describe(), flush=True)
     for note in notes:
         print(note, flush=True)
     return _train_loop(trainer, state, run_dir, checkpointer, args, t_start)

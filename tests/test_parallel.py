@@ -244,3 +244,11 @@ def test_pipeline_benchmark_tiny(tmp_path):
     assert b0["float32_bytes"] == 8 * 8 * 8 * 32 * 4 + 8 * 4
     if "vq" in b0:  # 2 groups of 16 channels, one uint8 code each per pixel
         assert b0["vq"]["code_bytes"] == 8 * 8 * 8 * 2 + 8 * 4
+
+
+def test_spmd_empty_mesh_axis_raises(model):
+    from jax.sharding import Mesh
+
+    stages, states = model
+    with pytest.raises(ValueError, match="mesh axis 'data' is empty"):
+        SpmdPipeline(stages, Mesh(np.empty((3, 0), object), ("stage", "data")), states, X[0], data_axis="data")
