@@ -42,3 +42,13 @@ def test_xla_flags_benchmark_tiny(tmp_path):
     saved = json.loads(out.read_text())
     assert not saved["errors"]
     assert saved["ratio_to_default"]["default"] == 1.0 and saved["ratio_to_default"]["bfloat16"] > 0
+
+
+def test_input_pipeline_benchmark_tiny(tmp_path):
+    out = tmp_path / "input_pipeline.json"
+    result = load("input_pipeline").main(["--tiny", "--startup-rounds", "0", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    e = saved["epoch_vs_step"]
+    assert e["pure"]["repeats"] == e["epoch"]["repeats"] == 2
+    assert e["epoch_over_pure_throughput"] == pytest.approx(result["epoch_vs_step"]["epoch_over_pure_throughput"])
+    assert "startup" not in saved
