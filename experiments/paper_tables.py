@@ -195,6 +195,13 @@ def markdown(name: str, table: Table, result: dict) -> str:
         f"Data: {result['dataset']}; seeds {result['seeds']}; wall time {result['wall_s'] / 60:.1f} min on "
         f"{result['machine']['cpu_count']} CPU cores ({result['machine']['device_kind']})."
     )
+    cfg = next(iter(result["runs"].values()))["seeds"][0]["config"]
+    lines.append(
+        f"Recipe: {cfg['model']} {cfg['model_options'] or ''} heads {cfg['head']}, {cfg['epochs']} epochs "
+        f"(per stage for sequential), batch {cfg['batch_size']}, {cfg['optimizer']} lr {cfg['lr']}, "
+        f"LR decay at {cfg['decay_epochs']} x{cfg['decay_factor']}, weight decay {cfg['weight_decay']}; "
+        f"each run's overrides in the JSON. Command: `python experiments/{result['command']}`."
+    )
     lines += ["", "| run | last head (%) | per-stage heads (%) | ensemble (%) | aux heads / trunk MACs | paper (%) |"]
     lines.append("|---|---|---|---|---|---|")
     for label, r in result["runs"].items():
@@ -227,6 +234,15 @@ def plot(name: str, result: dict, path: Path) -> None:
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
+
+
+def render(json_path: str | os.PathLike) -> str:
+    """Rewrites the markdown table next to a results JSON (after a change of format); returns it."""
+    path = Path(json_path)
+    result = json.loads(path.read_text())
+    text = markdown(result["table"], TABLES[result["table"]], result)
+    _atomic_write(path.with_suffix(".md"), text)
+    return text
 
 
 def main(argv: list[str] | None = None) -> dict:
