@@ -52,3 +52,12 @@ def test_input_pipeline_benchmark_tiny(tmp_path):
     assert e["pure"]["repeats"] == e["epoch"]["repeats"] == 2
     assert e["epoch_over_pure_throughput"] == pytest.approx(result["epoch_vs_step"]["epoch_over_pure_throughput"])
     assert "startup" not in saved
+
+
+def test_conv_kernels_benchmark_tiny(tmp_path):
+    out = tmp_path / "conv_kernels.json"
+    load("conv_kernels").main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert [e["shape"]["C_out"] for e in saved["layers"]] == [8, 16]
+    for e in saved["layers"]:
+        assert e["xla_nhwc"]["repeats"] == 2 and e["xla_nhwc"]["gflop_per_s"] > 0

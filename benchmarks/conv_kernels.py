@@ -1,0 +1,126 @@
+"""Where does the JAX/PyTorch gap of the DGL step come from? The 3x3 convolutions of the paper CNN, alone.
+
+    pip install torch==2.13.0              # optional, benchmark-only dependency
+    python benchmarks/conv_kernels.py      # the 4 conv layers of cnn4 at 32x32x1 input, batch 128
+    python benchmarks/conv_kernels.py --tiny
+
+For every 3x3 convolution of ``cnn4`` (input ``[batch, H, W, C_in]`` -> ``C_out``, 'SAME' padding, no bias)
+this times forward + backward (gradients of ``sum(y**2)`` w.r.t. input and kernel) in: XLA via ``jax.jit`` of
+``lax.conv_general_dilated`` (NHWC/HWIO, the layout dgl_jax uses), and PyTorch eager in NCHW and
+channels_last. All variants alternate within each repeat; medians go to JSON with the achieved GFLOP/s
+(3 x the forward MACs x 2 / time) and the XLA/PyTorch ratio per layer. Without torch only XLA is timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+from common import machine, summarize, time_call, write_json  # noqa: E402
+
+# (H=W, C_in, C_out) of the convolutions of cnn4 (64-128-128-256, max-pool before layers 2 and 4) at 32x32x1
+CNN4_LAYERS = [(32, 1, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256)]
+
+
+def jax_conv(batch: int, size: int, cin: int, cout: int):
+    """A jitted ``() -> (dx, dw)`` for one conv layer on fixed random data."""
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+    w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
+
+    def loss(x, w):
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jnp.sum(y**2)
+
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    jax.block_until_ready(grad(x, w))
+    return lambda: grad(x, w)
+
+
+def torch_conv(batch: int, size: int, cin: int, cout: int, channels_last: bool):
+    import torch
+
+    x = torch.randn(batch, cin, size, size)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    if channels_last:
+        x, conv = x.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+
+    def run():
+        x.grad = None
+        conv.weight.grad = None
+        (conv(x) ** 2).sum().backward()
+        return None
+
+    run()
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--out", default="benchmarks/results/conv_kernels.json")
+    p.add_argument("--tiny", action="store_true", help="small batch and few repeats: checks the script runs")
+    args = p.parse_args(argv)
+    layers = CNN4_LAYERS
+    if args.tiny:
+        args.batch, args.repeats, args.warmup = 4, 2, 1
+        layers = [(8, 1, 8), (4, 8, 16)]
+    try:
+        import torch
+
+        torch.manual_seed(0)
+        have_torch = True
+    except ImportError:
+        have_torch = False
+    result = {
+        "benchmark": "conv_kernels",
+        "config": {k: v for k, v in vars(args).items() if k != "out"},
+        "machine": machine(),
+        "torch": torch.__version__ if have_torch else None,
+        "layers": [],
+    }
+    for size, cin, cout in layers:
+        fns = {"xla_nhwc": jax_conv(args.batch, size, cin, cout)}
+        if have_torch:
+            fns["torch_nchw"] = torch_conv(args.batch, size, cin, cout, channels_last=False)
+            fns["torch_channels_last"] = torch_conv(args.batch, size, cin, cout, channels_last=True)
+        times = {k: [] for k in fns}
+        for r in range(args.warmup + args.repeats):
+            for k, fn in fns.items():
+                t = time_call(fn)
+                if r >= args.warmup:
+                    times[k].append(t)
+        flops = 3 * 2 * args.batch * size * size * cin * cout * 9
+        entry = {"shape": {"H": size, "W": size, "C_in": cin, "C_out": cout}, "gflop": flops / 1e9}
+        for k, ts in times.items():
+            s = summarize(ts)
+            entry[k] = {**s, "gflop_per_s": flops / 1e9 / s["median_s"]}
+        if have_torch:
+            best = min(entry["torch_nchw"]["median_s"], entry["torch_channels_last"]["median_s"])
+            entry["xla_over_best_torch"] = entry["xla_nhwc"]["median_s"] / best
+        result["layers"].append(entry)
+        line = f"{size}x{size} {cin:>3d}->{cout:<3d}: " + ", ".join(
+            f"{k} {entry[k]['median_s'] * 1e3:.1f} ms ({entry[k]['gflop_per_s']:.0f} GFLOP/s)" for k in times
+        )
+        print(line, flush=True)
+    total = {
+        k: sum(e[k]["median_s"] for e in result["layers"])
+        for k in result["layers"][0]
+        if isinstance(result["layers"][0][k], dict) and "median_s" in result["layers"][0][k]
+    }
+    result["total_median_s"] = total
+    if have_torch:
+        result["total_xla_over_best_torch"] = total["xla_nhwc"] / min(total["torch_nchw"], total["torch_channels_last"])
+        print(f"all layers, XLA / best PyTorch layout: {result['total_xla_over_best_torch']:.3f}")
+    write_json(args.out, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
