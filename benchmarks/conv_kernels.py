@@ -6,7 +6,7 @@
 
 For every 3x3 convolution of ``cnn4`` (input ``[batch, H, W, C_in]`` -> ``C_out``, 'SAME' padding, no bias)
 this times forward + backward (gradients of ``sum(y**2)`` w.r.t. input and kernel) in: XLA via ``jax.jit`` of
-``lax.conv_general_dilated`` (NHWC/HWIO, the layout dgl_jax uses), and PyTorch eager in NCHW and
+``lax.conv_general_dilated`` (NHWC/HWIO, the layout dgl_jax uses, and NCHW), and PyTorch eager in NCHW and
 channels_last. All variants alternate within each repeat; medians go to JSON with the achieved GFLOP/s
 (3 x the forward MACs x 2 / time) and the XLA/PyTorch ratio per layer. Without torch only XLA is timed.
 """
@@ -26,13 +26,14 @@ from common import machine, summarize, time_call, write_json  # noqa: E402
 CNN4_LAYERS = [(32, 1, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256)]
 
 
-def jax_conv(batch: int, size: int, cin: int, cout: int):
-    """A jitted ``() -> (dx, dw)`` for one conv layer on fixed random data."""
-    x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+def jax_conv(batch: int, size: int, cin: int, cout: int, layout: str = "NHWC"):
+    """A jitted ``() -> (dx, dw)`` for one conv layer on fixed random data (``layout``: NHWC or NCHW)."""
+    shape = (batch, size, size, cin) if layout == "NHWC" else (batch, cin, size, size)
+    x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
 
     def loss(x, w):
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=(layout, "HWIO", layout))
         return jnp.sum(y**2)
 
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
@@ -86,7 +87,10 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": [],
     }
     for size, cin, cout in layers:
-        fns = {"xla_nhwc": jax_conv(args.batch, size, cin, cout)}
+        fns = {
+            "xla_nhwc": jax_conv(args.batch, size, cin, cout),
+            "xla_nchw": jax_conv(args.batch, size, cin, cout, "NCHW"),
+        }
         if have_torch:
             fns["torch_nchw"] = torch_conv(args.batch, size, cin, cout, channels_last=False)
             fns["torch_channels_last"] = torch_conv(args.batch, size, cin, cout, channels_last=True)
