@@ -569,6 +569,8 @@ def _eval_all(stages, states, xs, ys, mask):
 
 
 # Methods defined next to their algorithms register themselves once the registry exists.
+from dgl_jax.asynchronous import register_methods as _register_async  # noqa: E402
 from dgl_jax.dni import register_methods as _register_dni  # noqa: E402
 
 _register_dni()
+_register_async()

@@ -1,0 +1,212 @@
+"""Asynchronous DGL with a slowed stage and replay buffers (the papers' section on asynchrony, at CPU scale).
+
+    python experiments/async_buffer.py                 # Fashion-MNIST grid, writes experiments/results/async_buffer.*
+    python experiments/async_buffer.py --tiny          # digits, a few ticks (CI smoke test)
+
+A 6-stage CNN (conv3x3 widths 16,16,32,32,64,64, max-pool before layers 3 and 5, one conv per stage, ``mlp``
+heads) is trained with simulated asynchrony (:mod:`dgl_jax.asynchronous`): each tick one stage is drawn
+from the paper's categorical schedule where the slowed middle stage (index ``--slow-stage``, default 2)
+has weight 1/S. Grid: S in {1.0, 1.11, 1.25, 1.5, 2.0, 3.0} x buffer size M in {1, 5, 30} (priority-LIFO
+sampling, ordered warm-up of M rounds), plus synchronous DGL (round-robin, M=1, which equals ``dgl_step``).
+Every run gets the same number of ticks (= the same number of stage updates in total), so a slow stage
+gets fewer updates and the stages above it reuse older features. One compiled program per M; the schedule
+is an argument, so the S sweep does not recompile. Reports test accuracy of the last head.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dgl_jax import asynchronous as A  # noqa: E402
+from dgl_jax import evaluate_batch, init_stage_states, make_optimizer, with_optimizer  # noqa: E402
+from dgl_jax.data import load_digits, load_fashion_mnist  # noqa: E402
+from dgl_jax.models import cifar_cnn  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def build_stages(args: argparse.Namespace):
+    stages = cifar_cnn(widths=args.widths, downsample_at=args.downsample_at, split=len(args.widths), head="mlp")
+    return with_optimizer(stages, lambda j: make_optimizer("sgd", args.lr, weight_decay=5e-4, decay_epochs=None))
+
+
+def evaluate(fn, states, images, labels, chunk=1000):
+    last, ens, n = 0, 0, 0
+    for i in range(0, len(labels), chunk):
+        out = fn(states, images[i : i + chunk], labels[i : i + chunk])
+        last += int(out.per_head[-1])
+        ens += int(out.ensemble)
+        n += len(labels[i : i + chunk])
+    return last / n, ens / n
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tiny", action="store_true", help="digits, 3 stages, S in {1, 2}, M=2, few ticks (CI)")
+    p.add_argument("--slowdowns", type=float, nargs="+", default=[1.0, 1.11, 1.25, 1.5, 2.0, 3.0])
+    p.add_argument("--buffers", type=int, nargs="+", default=[1, 5, 30])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--slow-stage", type=int, default=2)
+    p.add_argument("--widths", type=int, nargs="+", default=[16, 16, 32, 32, 64, 64])
+    p.add_argument("--downsample-at", type=int, nargs="+", default=[2, 4])
+    p.add_argument("--train-size", type=int, default=12000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--updates", type=int, default=600, help="ticks = updates * K (about `updates` per stage)")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--policy", default="priority_lifo")
+    p.add_argument("--out", default=str(RESULTS / "async_buffer"))
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.slowdowns, args.buffers, args.widths, args.downsample_at = [1.0, 2.0], [2], [8, 8, 16], [1, 2]
+        args.train_size, args.batch, args.updates = 512, 16, 6
+        args.slow_stage = 1
+    t_start = time.perf_counter()
+    ds = load_digits() if args.tiny else load_fashion_mnist()
+    rng = np.random.default_rng(0)
+    sub = rng.permutation(len(ds.train_labels))[: args.train_size]
+    train_x, train_y = jnp.asarray(ds.train_images[sub]), jnp.asarray(ds.train_labels[sub])
+    test_x, test_y = ds.test_images, ds.test_labels
+    stages = build_stages(args)
+    k = len(stages)
+    eval_fn = jax.jit(lambda st, x, y: evaluate_batch(stages, st, x, y))
+    ticks = args.updates * k
+    runs = []
+    for seed in args.seeds:
+        key = jax.random.key(seed)
+        input_fn = A.epoch_input_fn(train_x, train_y, args.batch, jax.random.fold_in(key, 1))
+        init_states = init_stage_states(stages, jax.random.fold_in(key, 0), train_x[: args.batch])
+        configs = [("sync_dgl", A.AsyncConfig(capacity=1), [None])]
+        configs += [("async", A.AsyncConfig(capacity=m, policy=args.policy), args.slowdowns) for m in args.buffers]
+        for label, config, slowdowns in configs:
+            run = A.make_async_run(stages, config, input_fn, ticks)
+            for s in slowdowns:
+                schedule = A.RoundRobin(k) if s is None else A.paper_schedule(k, args.slow_stage, s)
+                states = jax.tree.map(jnp.copy, init_states)  # the run donates its input
+                st = A.init_async(
+                    stages, states, train_x[: args.batch], train_y[: args.batch], config, jax.random.fold_in(key, 2)
+                )
+                t0 = time.perf_counter()
+                st, rec = run(st, schedule)
+                jax.block_until_ready(st.states)
+                wall = time.perf_counter() - t0
+                summ = A.summarize(rec)
+                last, ens = evaluate(eval_fn, st.states, test_x, test_y)
+                row = {
+                    "method": label,
+                    "buffer": config.capacity,
+                    "slowdown": 1.0 if s is None else s,
+                    "seed": seed,
+                    "test_acc_last": last,
+                    "test_acc_ensemble": ens,
+                    "wall_s_incl_compile": wall,
+                    **{f"stage_{name}": np.asarray(v).tolist() for name, v in summ.items()},
+                }
+                runs.append(row)
+                print(
+                    f"{label:8s} M={config.capacity:3d} S={row['slowdown']:.2f} seed={seed} "
+                    f"acc={last:.4f} ens={ens:.4f} {wall:.1f}s updates={row['stage_updates']} "
+                    f"staleness={np.round(summ['mean_staleness'], 2).tolist()} "
+                    f"reuse={np.round(summ['mean_reuse'], 2).tolist()}",
+                    flush=True,
+                )
+    result = {
+        "experiment": "async_buffer",
+        "dataset": ds.name,
+        "model": {"widths": list(args.widths), "downsample_at": list(args.downsample_at), "stages": k, "head": "mlp"},
+        "budget": {
+            "train_size": args.train_size,
+            "batch": args.batch,
+            "ticks": ticks,
+            "updates_per_stage_nominal": args.updates,
+            "optimizer": f"sgd lr={args.lr} momentum=0.9 wd=5e-4 constant",
+        },
+        "slow_stage": args.slow_stage,
+        "policy": args.policy,
+        "slowdowns": args.slowdowns,
+        "buffers": args.buffers,
+        "seeds": args.seeds,
+        "machine": {
+            "platform": jax.devices()[0].platform,
+            "cpu_count": os.cpu_count(),
+            "processor": platform.processor() or platform.machine(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "note": "shared 2-vCPU machine, other jobs running",
+        },
+        "wall_s": time.perf_counter() - t_start,
+        "runs": runs,
+    }
+    write_outputs(result, Path(args.out))
+    return result
+
+
+def table(result: dict) -> tuple[list[float], dict, float, float]:
+    runs = result["runs"]
+    sync = [r["test_acc_last"] for r in runs if r["method"] == "sync_dgl"]
+    grid = {}
+    for m in result["buffers"]:
+        grid[m] = []
+        for s in result["slowdowns"]:
+            accs = [
+                r["test_acc_last"] for r in runs if r["method"] == "async" and r["buffer"] == m and r["slowdown"] == s
+            ]
+            grid[m].append((float(np.mean(accs)), float(np.std(accs)), len(accs)))
+    return result["slowdowns"], grid, float(np.mean(sync)), float(np.std(sync))
+
+
+def write_outputs(result: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    slowdowns, grid, sync_mean, sync_std = table(result)
+    b = result["budget"]
+    lines = [
+        f"# Asynchronous DGL: slowed stage {result['slow_stage']} vs buffer size ({result['dataset']})",
+        "",
+        f"Test accuracy of the last head (mean +- std over seeds {result['seeds']}); {result['model']['stages']}-stage "
+        f"CNN widths {result['model']['widths']}; {b['ticks']} ticks (~{b['updates_per_stage_nominal']} updates "
+        f"per stage), batch {b['batch']}, {b['train_size']} training images, {b['optimizer']}; policy "
+        f"{result['policy']}. Machine: {result['machine']['processor']}, {result['machine']['cpu_count']} CPUs "
+        f"(shared), jax {result['machine']['jax']}; wall time {result['wall_s']:.0f} s.",
+        "",
+        f"Synchronous DGL (round-robin, M=1): **{sync_mean:.4f}** +- {sync_std:.4f}",
+        "",
+        "| M \\ S | " + " | ".join(f"{s:g}" for s in slowdowns) + " |",
+        "|---|" + "---|" * len(slowdowns),
+    ]
+    for m, row in grid.items():
+        lines.append(f"| {m} | " + " | ".join(f"{a:.4f} +- {sd:.4f}" for a, sd, _ in row) + " |")
+    lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for m, row in grid.items():
+        ax.errorbar(
+            slowdowns, [a for a, _, _ in row], yerr=[sd for _, sd, _ in row], marker="o", capsize=3, label=f"M={m}"
+        )
+    ax.axhline(sync_mean, color="k", ls="--", lw=1, label="sync DGL")
+    ax.set_xlabel(f"slow-down S of stage {result['slow_stage']}")
+    ax.set_ylabel("test accuracy (last head)")
+    ax.set_title(f"Async DGL, {result['dataset']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out.with_suffix(".png"), dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
