@@ -25,8 +25,10 @@ trained by one ``vmap`` of :func:`vq_dgl_step`. Classes of different group layou
 calls inside the same jitted function, so the whole sweep is one compiled program and one dispatch per
 step. Each member sees the same batches, keys and initial weights as when run alone.
 
-Replay-buffer storage of codes (async DGL) is not implemented here: ``dgl_jax/buffer.py`` did not exist
-when this module was written.
+Replay buffers of codes (async DGL): :func:`push_codes` encodes a batch with the receiver's codebook and
+stores ``(codes uint8/uint16 [batch, H, W, G], labels [batch])`` in a :mod:`dgl_jax.buffer` ring buffer;
+:func:`sample_codes` samples and decodes with the receiver's current codebook. :func:`buffer_memory`
+gives the bytes such buffers take vs float32 buffers (codes plus the codebook the receiver keeps).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dgl_jax import vq
+from dgl_jax import buffer, vq
 from dgl_jax.objective import stage_apply
 from dgl_jax.stage import Stage, StageState
 from dgl_jax.train import _check, stage_step
@@ -407,3 +409,72 @@ def make_sweep(stages: Sequence[Stage], plans: Sequence[VQConfig | Plan | None],
         raise IndexError(f"configuration {i} out of range for {len(plans)} configurations")
 
     return Sweep(plans, init, step, evaluate, select)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Replay buffers holding codes (asynchronous DGL)
+# ----------------------------------------------------------------------------------------------------------
+def init_code_buffer(capacity: int, b: Boundary, feature_shape: Sequence[int], batch_size: int) -> buffer.BufferState:
+    """An empty :mod:`dgl_jax.buffer` of ``capacity`` mini-batches of ``(codes [batch, H, W, G], labels
+    [batch] int32)`` for features ``(H, W, C)``; codes in the smallest dtype for the boundary's codebook."""
+    h, w, c = feature_shape
+    g, _, d = b.receiver.shape
+    if c != g * d:
+        raise ValueError(f"features have {c} channels but the codebook holds groups * code_dim = {g} * {d}")
+    dtype = vq.code_dtype(b.receiver.shape[1])
+    return buffer.init(capacity, (jnp.zeros((batch_size, h, w, g), dtype), jnp.zeros((batch_size,), jnp.int32)))
+
+
+def push_codes(
+    buf: buffer.BufferState,
+    b: Boundary,
+    feats: jax.Array,
+    labels: jax.Array,
+    tick: jax.Array | int | None = None,
+    valid: Any = True,
+) -> tuple[buffer.BufferState, jax.Array]:
+    """Encodes ``feats: [batch, H, W, C]`` with the receiver's codebook (the sender's padding mask) and pushes
+    ``(codes, labels)``; returns ``(buffer, codes)``. Jit-, scan- and vmap-friendly."""
+    codes = vq.encode(b.sender._replace(codebook=b.receiver), feats)
+    return buffer.push(buf, (codes, labels), tick, valid), codes
+
+
+def sample_codes(
+    buf: buffer.BufferState, b: Boundary, key: jax.Array | None = None, **kwargs: Any
+) -> tuple[tuple[jax.Array, jax.Array], jax.Array, buffer.BufferState]:
+    """Samples a stored batch (``kwargs`` as :func:`dgl_jax.buffer.sample`) and decodes it with the receiver's
+    *current* codebook: returns ``((x_hat [batch, H, W, C], labels [batch]), valid, buffer)``. Codes written
+    under an older codebook decode to the current centroids of the same indices (the stored data drifts
+    with the codebook, as in the paper's design where only indices are kept)."""
+    (codes, labels), valid, buf = buffer.sample(buf, key, **kwargs)
+    return (vq.decode(b.receiver, codes), labels), valid, buf
+
+
+class BufferMemory(NamedTuple):
+    """Bytes of replay buffers of ``num_batches`` mini-batches per boundary: ``codes`` (index storage),
+    ``codebook`` (the receiver's float32 codebook ``[G, K, d]``, held once per boundary), ``float32`` (the
+    same buffers of float32 features) and ``factor`` = ``float32 / (codes + codebook)``, summed over the
+    quantized boundaries (unquantized boundaries count as float32 in both). Labels are not included."""
+
+    codes: int
+    codebook: int
+    float32: int
+    factor: float
+
+
+def buffer_memory(plan: Plan, shapes: Sequence[tuple], num_batches: int, batch_size: int) -> BufferMemory:
+    """:class:`BufferMemory` of async-DGL buffers holding ``num_batches`` batches at every boundary of
+    ``plan`` (message shapes ``(H, W, C)`` from :func:`boundary_shapes`), via :func:`dgl_jax.vq.buffer_bytes`."""
+    if len(plan) != len(shapes):
+        raise ValueError(f"got {len(plan)} configs for {len(shapes)} boundaries")
+    codes = book = f32 = 0
+    for cfg, shape in zip(plan, shapes, strict=True):
+        full = vq.buffer_bytes(num_batches, batch_size, shape)
+        f32 += full
+        if cfg is None:
+            codes += full
+            continue
+        g, d = cfg.layout(shape[-1])
+        codes += vq.buffer_bytes(num_batches, batch_size, shape, cfg.num_codes, g)
+        book += vq.codebook_bits(cfg.num_codes, d, g) // 8
+    return BufferMemory(codes, book, f32, f32 / (codes + book))

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="num_codes:code_dim pairs")
+    p.add_argument("--buffer-batches", type=int, default=10, help="M: mini-batches per async-DGL replay buffer")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: full budget)")
     p.add_argument("--replot", action="store_true", help="only rewrite the markdown and PNG from --out's JSON")
     return p
@@ -146,7 +147,8 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     float_bits = sum(vq_bits for vq_bits in vt.boundary_traffic(vt.as_plan(None, len(stages)), shapes, bs).float32)
     for i, (plan, (k, d)) in enumerate(zip(plans, [(None, None)] + configs, strict=True)):
-        tr = vt.boundary_traffic(vt.as_plan(plan, len(stages)), shapes, bs)
+        tr_plan = vt.as_plan(plan, len(stages))
+        tr = vt.boundary_traffic(tr_plan, shapes, bs)
         mean = lambda f, i=i: [float(np.mean([getattr(m[i], f)[j] for m in last_metrics])) for j in range(len(shapes))]  # noqa: E731
         buf = [vt.vq.buffer_bytes(1, bs, s, k, s[-1] // d) if k else vt.vq.buffer_bytes(1, bs, s) for s in shapes]
         rows.append(
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "ratio_fp32": float_bits / sum(tr.total),
                 "ratio_bf16": float_bits / 2 / sum(tr.total),
                 "buffer_bytes_per_batch": sum(buf),
+                "buffer_factor": vt.buffer_memory(tr_plan, shapes, args.buffer_batches, bs).factor,
                 "distortion": None if plan is None else mean("distortion"),
                 "coverage": None if plan is None else mean("coverage"),
                 "perplexity": None if plan is None else mean("perplexity"),
@@ -189,6 +192,7 @@ def main(argv: list[str] | None = None) -> dict:
         "vq": "EMA k-means, decay 0.99, eps 1e-5, restart_threshold 1e-2, sync_every 1, init from first batch",
         "seeds": {"data_subset": args.seed, "weights": args.seed, "vq": args.seed + 1},
         "rows": rows,
+        "buffer_batches": args.buffer_batches,
         "dgl_acc": float(acc[0, -1]),
         "backprop_acc": bp_acc,
         "float32_bits_per_sample": float_bits,
@@ -228,14 +232,14 @@ def markdown(r: dict) -> str:
         "",
         f"Command: `{r['command']}`",
         "",
-        "| method | K | d | bits/sample (codes + sync) | vs fp32 | vs bf16 | buffer B/batch | acc last head | "
-        "Δ vs DGL | coverage | rel. distortion |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| method | K | d | bits/sample (codes + sync) | vs fp32 | vs bf16 | buffer B/batch | buffer memory "
+        f"(M={r['buffer_batches']}) vs fp32 | acc last head | Δ vs DGL | coverage | rel. distortion |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in r["rows"]:
         if row["method"] == "backprop":
             lines.append(
-                f"| backprop | | | | | | | {row['acc_last']:.2f} | {row['acc_last'] - r['dgl_acc']:+.2f} | | |"
+                f"| backprop | | | | | | | | {row['acc_last']:.2f} | {row['acc_last'] - r['dgl_acc']:+.2f} | | |"
             )
             continue
         q = row["num_codes"] is not None
@@ -244,6 +248,7 @@ def markdown(r: dict) -> str:
             f"| {row['method']} | {row['num_codes'] or ''} | {row['code_dim'] or ''} | "
             f"{row['bits_per_sample']:.0f} ({row['code_bits_per_sample']:.0f} + {row['sync_bits_per_sample']:.0f}) | "
             f"{row['ratio_fp32']:.1f}x | {row['ratio_bf16']:.1f}x | {row['buffer_bytes_per_batch']} | "
+            f"{row['buffer_factor']:.1f}x | "
             f"{row['acc_last']:.2f} | {row['acc_last'] - r['dgl_acc']:+.2f} | "
             f"{fmt(row['coverage']) if q else ''} | {fmt(row['distortion']) if q else ''} |"
         )
@@ -251,7 +256,8 @@ def markdown(r: dict) -> str:
         "",
         "bits/sample: summed over boundaries; sync = full float32 codebook sent every step, amortised per sample. "
         "Buffer B/batch: bytes one mini-batch of messages takes in a replay buffer (uint8/uint16 codes vs float32), "
-        "computed, not measured. Coverage / distortion per boundary, mean of the last 20 steps.",
+        "computed, not measured. Buffer memory: float32 buffers of M batches at every boundary over code buffers plus "
+        "the receiver's float32 codebook. Coverage / distortion per boundary, mean of the last 20 steps.",
     ]
     return "\n".join(lines) + "\n"
 

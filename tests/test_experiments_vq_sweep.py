@@ -19,6 +19,7 @@ def test_vq_sweep_tiny_writes_json_markdown_and_plot(tmp_path):
     dgl, q, bp = saved["rows"]
     assert dgl["ratio_fp32"] == 1.0 and dgl["bits_per_sample"] == saved["float32_bits_per_sample"]
     assert q["ratio_fp32"] > 1.0 and q["buffer_bytes_per_batch"] < dgl["buffer_bytes_per_batch"]
+    assert dgl["buffer_factor"] == 1.0 and q["buffer_factor"] > 1.0
     for r in saved["rows"]:
         assert 0.0 <= r["acc_last"] <= 100.0
     assert saved["budget"]["steps"] == 4
