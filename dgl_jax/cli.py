@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, field, typ, text in _FIELDS:
         train.add_argument(flag, dest=field, type=typ, default=None, help=text)
     train.add_argument(
-        "--method-option", dest="method_options", type=_option, action="append", help="KEY=VALUE (JSON value)"
+        "--method-option",
+        dest="method_options",
+        type=_option,
+        action="append",
+        help="KEY=VALUE (JSON value), repeatable; e.g. --method async: capacity=5 policy=priority_lifo "
+        "slow_stage=2 slowdown=1.5 delay=0 schedule=paper max_reuse=null",
     )
     train.add_argument(
         "--model-option",
@@ -327,7 +332,10 @@ def cmd_train(args: argparse.Namespace, t_start: float) -> int:
 
     ckpt_dir = run_dir / "checkpoints"
     print(trainer.describe(), flush=True)
-    state = trainer.init_state()
+    try:
+        state = trainer.init_state()  # methods check what needs the built model here (e.g. a stage index)
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
     if args.resume:
         try:
             checkpointer = Checkpointer(ckpt_dir, args.keep)
@@ -410,6 +418,9 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
                     row = {"event": "train", "epoch": ev.epoch + 1, "phase": ev.phase, "global_step": g, "stage": j}
                     row.update(loss=loss, accuracy=acc, lr=ev.train["lr"][j])
                     row["examples_per_s"] = ev.train["examples_per_s"]
+                    for name, v in ev.train.items():  # the method's other per-stage / scalar metrics
+                        if name not in row:
+                            row[name] = v[j] if isinstance(v, list) and len(v) == trainer.num_stages else v
                     metrics_file.write(json.dumps(_clean(row)) + "\n")
                 post = " ".join(
                     f"s{j + 1} {ev.train['loss'][j]:.3f}/{100 * ev.train['accuracy'][j]:.0f}%"
