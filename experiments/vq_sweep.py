@@ -54,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configs", default=DEFAULT_CONFIGS, help="num_codes:code_dim pairs")
     p.add_argument("--buffer-batches", type=int, default=10, help="M: mini-batches per async-DGL replay buffer")
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: full budget)")
+    p.add_argument("--max-train-seconds", type=float, default=0, help="stop training after this long (0: no limit)")
     p.add_argument("--replot", action="store_true", help="only rewrite the markdown and PNG from --out's JSON")
     return p
 
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> dict:
     for epoch in range(epochs):
         perm = np.random.default_rng((args.seed, epoch)).permutation(len(xtr))
         for b in range(steps_per_epoch):
-            if step >= total_steps:
+            if step >= total_steps or (args.max_train_seconds and t_train > args.max_train_seconds):
                 break
             idx = perm[b * bs : (b + 1) * bs]
             x, y = jnp.asarray(xtr[idx]), jnp.asarray(ytr[idx])
@@ -128,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict:
                 vt.check_metrics(jax.tree.map(lambda *a: jnp.stack(a), *metrics))
                 history.append({"step": step, "loss_last": [float(m.loss[-1]) for m in metrics]})
                 print(f"step {step}/{total_steps} loss(last head) {history[-1]['loss_last']}", flush=True)
-            if step >= total_steps - 20:
-                last_metrics.append(metrics)
+            last_metrics = [*last_metrics[-19:], metrics]  # the last 20 steps
             t_train += time.time() - t0
             step += 1
     jax.block_until_ready(carry)
@@ -187,6 +187,8 @@ def main(argv: list[str] | None = None) -> dict:
             "epochs": epochs,
             "batch_size": bs,
             "steps": step,
+            "planned_steps": total_steps,
+            "max_train_seconds": args.max_train_seconds,
             "optimizer": f"sgd lr={args.lr} momentum=0.9 wd=5e-4, x0.2 at epoch {max(epochs - 1, 1)}",
         },
         "vq": "EMA k-means, decay 0.99, eps 1e-5, restart_threshold 1e-2, sync_every 1, init from first batch",
@@ -225,7 +227,8 @@ def markdown(r: dict) -> str:
     lines = [
         f"# VQ sweep: {r['dataset']}, {r['model']}",
         "",
-        f"{b['train_examples']} training examples, {b['epochs']} epochs, batch {b['batch_size']}, {b['steps']} steps; "
+        f"{b['train_examples']} training examples, {b['epochs']} epochs planned, batch {b['batch_size']}, "
+        f"{b['steps']} of {b.get('planned_steps', b['steps'])} planned steps done; "
         f"test on {b['test_examples']}. Wall time {r['timing_s']['wall']:.0f} s. Float32 messages: "
         f"{r['float32_bits_per_sample']:.0f} bits/sample over {len(r['boundary_shapes'])} boundaries "
         f"{r['boundary_shapes']}.",
