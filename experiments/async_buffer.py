@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -38,7 +39,12 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def build_stages(args: argparse.Namespace):
     stages = cifar_cnn(widths=args.widths, downsample_at=args.downsample_at, split=len(args.widths), head="mlp")
-    return with_optimizer(stages, lambda j: make_optimizer("sgd", args.lr, weight_decay=5e-4, decay_epochs=None))
+    # the LR drops x0.2 after each fraction in --decay-at of the nominal per-stage updates, counted in the stage's
+    # OWN updates (optax counts steps): a slowed stage reaches its drops later, as it would in a real system
+    drops = tuple(sorted({max(1, round(f * args.updates)) for f in args.decay_at})) or None
+    return with_optimizer(
+        stages, lambda j: make_optimizer("sgd", args.lr, weight_decay=5e-4, steps_per_epoch=1, decay_epochs=drops)
+    )
 
 
 def evaluate(fn, states, images, labels, chunk=1000):
@@ -58,15 +64,18 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--buffers", type=int, nargs="+", default=[1, 5, 30])
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--slow-stage", type=int, default=2)
-    p.add_argument("--widths", type=int, nargs="+", default=[16, 16, 32, 32, 64, 64])
+    p.add_argument("--widths", type=int, nargs="+", default=[8, 8, 16, 16, 32, 32])
     p.add_argument("--downsample-at", type=int, nargs="+", default=[2, 4])
     p.add_argument("--train-size", type=int, default=12000)
-    p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--updates", type=int, default=600, help="ticks = updates * K (about `updates` per stage)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--updates", type=int, default=160, help="ticks = updates * K (about `updates` per stage)")
     p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--decay-at", type=float, nargs="*", default=[0.5, 0.75], help="LR x0.2 at these fractions")
     p.add_argument("--policy", default="priority_lifo")
     p.add_argument("--out", default=str(RESULTS / "async_buffer"))
+    p.add_argument("--drop", type=float, default=0.01, help="accuracy loss that counts as a drop (fraction)")
     args = p.parse_args(argv)
+    command = " ".join(["python experiments/async_buffer.py", *(sys.argv[1:] if argv is None else argv)])
     if args.tiny:
         args.slowdowns, args.buffers, args.widths, args.downsample_at = [1.0, 2.0], [2], [8, 8, 16], [1, 2]
         args.train_size, args.batch, args.updates = 512, 16, 6
@@ -81,7 +90,45 @@ def main(argv: list[str] | None = None) -> dict:
     k = len(stages)
     eval_fn = jax.jit(lambda st, x, y: evaluate_batch(stages, st, x, y))
     ticks = args.updates * k
-    runs = []
+    runs: list[dict] = []
+
+    def make_result(runs: list[dict]) -> dict:
+        return {
+            "experiment": "async_buffer",
+            "dataset": ds.name,
+            "model": {
+                "widths": list(args.widths),
+                "downsample_at": list(args.downsample_at),
+                "stages": k,
+                "head": "mlp",
+            },
+            "budget": {
+                "train_size": args.train_size,
+                "batch": args.batch,
+                "ticks": ticks,
+                "updates_per_stage_nominal": args.updates,
+                "optimizer": f"sgd lr={args.lr} momentum=0.9 wd=5e-4, x0.2 at {args.decay_at} of the nominal updates "
+                "(each stage's own step count)",
+            },
+            "slow_stage": args.slow_stage,
+            "policy": args.policy,
+            "slowdowns": args.slowdowns,
+            "buffers": args.buffers,
+            "seeds": args.seeds,
+            "command": command,
+            "drop_threshold": args.drop,
+            "machine": {
+                "platform": jax.devices()[0].platform,
+                "cpu_count": os.cpu_count(),
+                "processor": platform.processor() or platform.machine(),
+                "python": platform.python_version(),
+                "jax": jax.__version__,
+                "note": "shared 2-vCPU machine, other jobs running",
+            },
+            "wall_s": time.perf_counter() - t_start,
+            "runs": runs,
+        }
+
     for seed in args.seeds:
         key = jax.random.key(seed)
         input_fn = A.epoch_input_fn(train_x, train_y, args.batch, jax.random.fold_in(key, 1))
@@ -120,33 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
                     f"reuse={np.round(summ['mean_reuse'], 2).tolist()}",
                     flush=True,
                 )
-    result = {
-        "experiment": "async_buffer",
-        "dataset": ds.name,
-        "model": {"widths": list(args.widths), "downsample_at": list(args.downsample_at), "stages": k, "head": "mlp"},
-        "budget": {
-            "train_size": args.train_size,
-            "batch": args.batch,
-            "ticks": ticks,
-            "updates_per_stage_nominal": args.updates,
-            "optimizer": f"sgd lr={args.lr} momentum=0.9 wd=5e-4 constant",
-        },
-        "slow_stage": args.slow_stage,
-        "policy": args.policy,
-        "slowdowns": args.slowdowns,
-        "buffers": args.buffers,
-        "seeds": args.seeds,
-        "machine": {
-            "platform": jax.devices()[0].platform,
-            "cpu_count": os.cpu_count(),
-            "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(),
-            "jax": jax.__version__,
-            "note": "shared 2-vCPU machine, other jobs running",
-        },
-        "wall_s": time.perf_counter() - t_start,
-        "runs": runs,
-    }
+                write_outputs(make_result(runs), Path(args.out))  # partial results survive an interrupted grid
+    result = make_result(runs)
     write_outputs(result, Path(args.out))
     return result
 
@@ -161,8 +183,20 @@ def table(result: dict) -> tuple[list[float], dict, float, float]:
             accs = [
                 r["test_acc_last"] for r in runs if r["method"] == "async" and r["buffer"] == m and r["slowdown"] == s
             ]
-            grid[m].append((float(np.mean(accs)), float(np.std(accs)), len(accs)))
+            grid[m].append((float(np.mean(accs)), float(np.std(accs)), len(accs)) if accs else (np.nan, np.nan, 0))
+    if not sync:
+        return result["slowdowns"], grid, np.nan, np.nan
     return result["slowdowns"], grid, float(np.mean(sync)), float(np.std(sync))
+
+
+def first_drop(slowdowns: list[float], row: list[tuple], reference: float, drop: float) -> float | None:
+    """The smallest slow-down S from which accuracy stays more than ``drop`` below ``reference``; None if
+    it never does (a single noisy dip followed by recovery is not counted)."""
+    accs = [a for a, _, _ in row]
+    for i, s in enumerate(slowdowns):
+        if all(np.isfinite(a) and a < reference - drop for a in accs[i:]):
+            return s
+    return None
 
 
 def write_outputs(result: dict, out: Path) -> None:
@@ -186,7 +220,13 @@ def write_outputs(result: dict, out: Path) -> None:
     ]
     for m, row in grid.items():
         lines.append(f"| {m} | " + " | ".join(f"{a:.4f} +- {sd:.4f}" for a, sd, _ in row) + " |")
-    lines.append("")
+    drop = result["drop_threshold"]
+    lines += ["", f"Where accuracy starts to drop (stays more than {100 * drop:g} points below the reference):", ""]
+    for m, row in grid.items():
+        vs_sync = first_drop(slowdowns, row, sync_mean, drop)
+        vs_s1 = first_drop(slowdowns, row, row[0][0], drop) if slowdowns and slowdowns[0] == 1.0 else None
+        lines.append(f"- M={m}: vs synchronous DGL from S = {vs_sync}; vs the same M at S=1 from S = {vs_s1}")
+    lines += ["", "Command:", "", "```", result["command"], "```", ""]
     out.with_suffix(".md").write_text("\n".join(lines))
     import matplotlib
 
