@@ -56,11 +56,3 @@ def test_three_stage_cnn_learns_digits(digits, method):
     assert acc[-1] >= 0.95
     if method != "backprop":
         assert (acc >= 0.85).all()  # every auxiliary head is a real classifier too
-
-
-def test_readme_example_runs():
-    import pathlib
-    import runpy
-
-    path = pathlib.Path(__file__).parents[1] / "examples" / "greedy_loss_in_your_code.py"
-    runpy.run_path(str(path), run_name="__main__")
