@@ -97,6 +97,7 @@ _FIELDS = [
     ("--augment", "augment", _bool, "random crop + flip on device (true/false)"),
     ("--chunk-steps", "chunk_steps", int, "optimizer steps per dispatch/log line (0: auto)"),
     ("--loop", "loop", str, "chunk execution: auto, scan, dispatch"),
+    ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
 ]
 
 

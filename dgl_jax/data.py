@@ -4,7 +4,8 @@
 IDX files, e.g. Debian's ``dataset-fashion-mnist``; else tfds) and the tfds datasets ``mnist``, ``cifar10``,
 ``cifar100``, ``svhn_cropped``, ``imagenet2012`` read through ``tfds.data_source``, all behind
 :func:`load_dataset` (registry :data:`DATASETS`). :func:`augment_batch` is the on-device, PRNG-keyed
-random crop + flip.
+random crop + flip. For streaming (``--loader grain``), :func:`load_train_source` gives the training split as a
+random-access source read on the host (:class:`ArraySource`, :class:`TfdsSource`) instead of arrays.
 """
 
 from __future__ import annotations
@@ -179,12 +180,7 @@ def load_dataset(
 
 def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
     """Holds out ``fraction`` of ``ds``'s training examples as the evaluation split (``[val]`` in the name)."""
-    n = len(ds.train_labels)
-    n_val = int(round(n * fraction))
-    if not 1 <= n_val < n:
-        raise ValueError(f"validation fraction {fraction} of {n} training examples leaves an empty split")
-    perm = np.random.default_rng(seed).permutation(n)
-    val, train = perm[:n_val], perm[n_val:]
+    val, train = validation_indices(len(ds.train_labels), fraction, seed)
     return Dataset(
         f"{ds.name}[val]",
         ds.train_images[train],
@@ -193,6 +189,16 @@ def split_validation(ds: Dataset, fraction: float, seed: int = 0) -> Dataset:
         ds.train_labels[val],
         ds.num_classes,
     )
+
+
+def validation_indices(n: int, fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``(validation, train)`` indices of an ``n``-example training split: a ``seed``-shuffled permutation
+    cut after ``round(n * fraction)`` (shared by the in-memory and the streaming paths)."""
+    n_val = int(round(n * fraction))
+    if not 1 <= n_val < n:
+        raise ValueError(f"validation fraction {fraction} of {n} training examples leaves an empty split")
+    perm = np.random.default_rng(seed).permutation(n)
+    return perm[:n_val], perm[n_val:]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -209,9 +215,26 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     The builder is asked whether the data is prepared *before* anything that could download, so missing
     data fails in seconds with instructions instead of tfds's network retries. Images ``[n, H, W, C]`` are
     scaled to [0, 1] and standardised with :data:`NORMALIZATION`. Records are read once, straight from the
-    random-access data source: the trainer keeps the whole set on the device and gathers batches inside
-    jit, so a host input pipeline (grain) would add a dependency without doing any per-step work.
+    random-access data source, for the trainer's in-memory loader (the whole set on the device, batches
+    gathered inside jit); :func:`load_train_source` is the streaming counterpart.
     """
+    tfds, builder, data_dir = _tfds_builder(name, data_dir)
+    if name == "imagenet2012":
+        raise NotImplementedError(
+            "imagenet2012 is prepared but does not fit dgl_jax's in-memory input pipeline (the trainer keeps "
+            "the whole training set on the device); a streaming pipeline is not implemented yet"
+        )
+    train, test = (TfdsSource(name, s) for s in _tfds_sources(tfds, name, data_dir, ["train", "test"]))
+    (xtr, ytr), (xte, yte) = (s.read(np.arange(len(s))) for s in (train, test))
+    return Dataset(name, xtr, ytr, xte, yte, int(builder.info.features["label"].num_classes))
+
+
+def _tfds_sources(tfds: Any, name: str, data_dir: str, splits: list[str]) -> list[Any]:
+    return tfds.data_source(name, split=splits, data_dir=data_dir, download=False)
+
+
+def _tfds_builder(name: str, data_dir: str | os.PathLike | None) -> tuple[Any, Any, str]:
+    """``(tfds module, builder, data_dir)`` after checking that the data is prepared (no download)."""
     import tensorflow_datasets as tfds  # lazy: slow import, only needed for tfds datasets
 
     data_dir = str(data_dir) if data_dir is not None else default_tfds_dir()
@@ -222,22 +245,106 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
         raise FileNotFoundError(
             f"tfds dataset {name!r} is not prepared in {data_dir} (no download attempted). Get it with: {how}."
         )
-    if name == "imagenet2012":
-        raise NotImplementedError(
-            "imagenet2012 is prepared but does not fit dgl_jax's in-memory input pipeline (the trainer keeps "
-            "the whole training set on the device); a streaming pipeline is not implemented yet"
-        )
-    sources = tfds.data_source(name, split=["train", "test"], data_dir=data_dir, download=False)
-    arrays = []
-    for source in sources:
-        records = [source[i] for i in range(len(source))]
-        arrays.append((np.stack([r["image"] for r in records]), np.asarray([r["label"] for r in records], np.int32)))
-    (xtr, ytr), (xte, yte) = arrays
+    return tfds, builder, data_dir
+
+
+def scale_tfds_images(name: str, images: np.ndarray) -> np.ndarray:
+    """uint8 images ``[n, H, W, C]`` of tfds dataset ``name`` scaled to [0, 1] and standardised with
+    :data:`NORMALIZATION`: float32 ``[n, H, W, C]`` (elementwise, so a batch gives the same bits as the
+    whole array)."""
     key = "fashion_mnist_tfds" if name == "fashion_mnist" else name
     mean, std = (np.asarray(v, np.float32) for v in NORMALIZATION[key])
-    scale = lambda x: ((x.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)  # noqa: E731
-    num_classes = builder.info.features["label"].num_classes
-    return Dataset(name, scale(xtr), ytr, scale(xte), yte, int(num_classes))
+    return ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training splits read on the host, batch by batch (the streaming loader)
+# ----------------------------------------------------------------------------------------------------------
+class ArraySource:
+    """A training split held in memory: ``images [n, H, W, C]`` float32 (normalised), ``labels [n]`` int32."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray):
+        self.images, self.labels = np.asarray(images), np.asarray(labels)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Examples ``indices [k]``: ``(images [k, H, W, C] float32, labels [k] int32)``."""
+        return self.images[indices], self.labels[indices]
+
+
+class TfdsSource:
+    """A tfds split read record by record from its random-access ``tfds.data_source`` (array_record, no
+    TensorFlow), optionally restricted to ``indices`` (e.g. the training part of a validation split); images
+    are scaled with :func:`scale_tfds_images` as they are read."""
+
+    def __init__(self, name: str, source: Any, indices: np.ndarray | None = None):
+        self.name, self.source = name, source
+        self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
+        self._shape: tuple[int, int, int] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        if self._shape is None:
+            self._shape = tuple(self.read(np.arange(1))[0].shape[1:])
+        return self._shape
+
+    def read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Examples ``indices [k]`` (positions in this source): ``(images [k, H, W, C] float32, labels [k]
+        int32)``."""
+        records = [self.source[int(i)] for i in self.indices[np.asarray(indices)]]
+        images = np.stack([r["image"] for r in records])
+        return scale_tfds_images(self.name, images), np.asarray([r["label"] for r in records], np.int32)
+
+
+TrainSource = ArraySource | TfdsSource
+TFDS_STREAMED = ("mnist", "cifar10", "cifar100", "svhn_cropped")
+
+
+def load_train_source(
+    name: str, data_dir: str | os.PathLike | None = None, validation: float = 0.0, seed: int = 0
+) -> tuple[TrainSource, Dataset]:
+    """The training split of dataset ``name`` as a source read on the host, and a :class:`Dataset` holding
+    the evaluation split in memory (its ``train_images`` are empty, ``[0, H, W, C]``).
+
+    tfds datasets (:data:`TFDS_STREAMED`) are never read whole: only the evaluation split (the test split, or
+    the ``validation`` part of train chosen as in :func:`load_dataset`) is loaded. Other datasets fit in
+    memory and are wrapped in an :class:`ArraySource`. ``imagenet2012`` raises ``NotImplementedError``:
+    its images have varying sizes and its evaluation split does not fit in memory either.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
+    if not 0.0 <= validation < 1.0:
+        raise ValueError(f"validation fraction must be in [0, 1), got {validation}")
+    if name not in TFDS_STREAMED:
+        if name == "imagenet2012":
+            _tfds_builder(name, data_dir)  # missing data: the usual fast FileNotFoundError first
+            raise NotImplementedError(
+                "imagenet2012 is not supported by the streaming loader yet: its images need resizing to one "
+                "shape and its evaluation split needs streaming as well"
+            )
+        ds = load_dataset(name, data_dir, validation, seed)
+        return ArraySource(ds.train_images, ds.train_labels), ds._replace(
+            train_images=ds.train_images[:0], train_labels=ds.train_labels[:0]
+        )
+    tfds, builder, data_dir = _tfds_builder(name, data_dir)
+    train_src, test_src = _tfds_sources(tfds, name, data_dir, ["train", "test"])
+    train, test = TfdsSource(name, train_src), TfdsSource(name, test_src)
+    label = name
+    if validation:
+        val, keep = validation_indices(len(train), validation, seed)
+        train, test, label = TfdsSource(name, train_src, keep), TfdsSource(name, train_src, val), f"{name}[val]"
+    xte, yte = test.read(np.arange(len(test)))
+    num_classes = int(builder.info.features["label"].num_classes)
+    return train, Dataset(label, xte[:0], yte[:0], xte, yte, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@
   :meth:`Trainer.fit` yields an :class:`Event` after every chunk of ``chunk_steps`` optimizer steps (one
   dispatch: the batches are gathered from a per-epoch permutation derived from ``(seed, epoch)`` and
   augmented inside ``lax.scan``). A :class:`RunState` is everything needed to continue bit-identically.
+  With ``loader='grain'`` the training split stays on the host and a grain pipeline reads the same batches
+  (same per-epoch permutation) on background threads, one jitted step per batch: same results, bit for bit.
 
 Typical use::
 
@@ -33,7 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgl_jax.data import DATASETS, Dataset, augment_batch, default_crop_padding, load_dataset
+from dgl_jax.data import (
+    DATASETS,
+    ArraySource,
+    Dataset,
+    TrainSource,
+    augment_batch,
+    default_crop_padding,
+    load_dataset,
+    load_train_source,
+)
 from dgl_jax.layers import HEADS
 from dgl_jax.models import MODELS, get_model
 from dgl_jax.stage import Stage, StageState, drop_aux_heads, init_stage_states, make_optimizer, with_optimizer
@@ -43,6 +54,9 @@ PyTree = Any
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 OPTIMIZERS = ("sgd", "adam")
 LOOPS = ("auto", "scan", "dispatch")
+LOADERS = ("memory", "grain")
+GRAIN_THREADS = 2  # host threads reading batches ahead of the device step
+GRAIN_PREFETCH = 4  # batches read ahead (each already on the device)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,7 +72,13 @@ class TrainConfig:
     ``dispatch`` on CPU (XLA:CPU runs these convolutions ~4x slower inside a loop) and ``scan`` elsewhere;
     ``feature_cache_mb``: largest cached frozen-feature array the sequential
     method keeps on device (0 disables the cache); ``method_options``: options of the chosen method;
-    ``model_options``: extra keyword arguments of the zoo model (e.g. ``{"width_mult": 0.25}``)."""
+    ``model_options``: extra keyword arguments of the zoo model (e.g. ``{"width_mult": 0.25}``);
+    ``loader``: ``memory`` keeps the training split on the device and gathers batches inside jit; ``grain``
+    streams it from the host (a ``grain.MapDataset`` over the tfds data source or the in-memory arrays, read
+    ahead on background threads, ``device_put``, augmented inside jit) for training sets that do not fit on
+    the device. Both give bit-identical runs for the same seed. With ``grain`` the loop is one dispatch
+    per step (``loop`` ``auto``/``dispatch``), the evaluation split stays in memory, and sequential
+    greedy recomputes the frozen stages instead of caching their features."""
 
     method: str = "dgl"
     model: str = "small_cnn"
@@ -84,6 +104,7 @@ class TrainConfig:
     feature_cache_mb: float = 1024.0
     method_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
+    loader: str = "memory"
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -146,6 +167,10 @@ def validate_config(config: TrainConfig) -> None:
             bad(name.replace("_", " "), getattr(config, name), "an integer >= 1")
     if not (isinstance(config.chunk_steps, int) and config.chunk_steps >= 0):
         bad("chunk steps", config.chunk_steps, "an integer >= 0 (0: automatic)")
+    if config.loader not in LOADERS:
+        bad("loader", config.loader, f"one of {list(LOADERS)}")
+    if config.loader == "grain" and config.loop == "scan":
+        bad("loop", config.loop, "'auto' or 'dispatch' with loader 'grain' (one batch per step from the host)")
     if not 0 <= config.validation < 1:
         bad("validation fraction", config.validation, "a number in [0, 1)")
     if isinstance(config.split, int) and config.split < 1:
@@ -313,15 +338,26 @@ class Event(NamedTuple):
 class Trainer:
     """Builds stages, data and jitted functions for ``config`` (validated first: ``ValueError`` on bad
     input, before anything is written). ``dataset`` overrides loading ``config.dataset``; ``log`` receives
-    one-line notes (dropped examples, cache decisions)."""
+    one-line notes (dropped examples, cache decisions). With ``config.loader == 'grain'`` the training
+    split is ``self.source`` (read on the host) and ``self.train_images``/``self.train_labels`` are ``None``."""
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, log: Callable[[str], None] = print):
         validate_config(config)
         self.config = config
         self.log = log
         self.method = METHODS[config.method]
-        self.data = dataset if dataset is not None else load_dataset(config.dataset, config.data_dir, config.validation)
-        n = len(self.data.train_labels)
+        self.source: TrainSource | None = None
+        if config.loader == "grain":
+            if dataset is not None:
+                self.data, self.source = dataset, ArraySource(dataset.train_images, dataset.train_labels)
+            else:
+                self.source, self.data = load_train_source(config.dataset, config.data_dir, config.validation)
+            n = len(self.source)
+        else:
+            self.data = (
+                dataset if dataset is not None else load_dataset(config.dataset, config.data_dir, config.validation)
+            )
+            n = len(self.data.train_labels)
         if config.batch_size > n:
             raise ValueError(
                 f"batch size {config.batch_size} is larger than the {n} training examples of {self.data.name}; "
@@ -359,9 +395,14 @@ class Trainer:
         info = DATASETS.get(config.dataset)
         size = self.data.image_shape[0]
         self.augment = (default_crop_padding(size), bool(info and info.flip)) if config.augment else None
-        # data on device once; batches are gathered inside jit
-        self.train_images = jnp.asarray(self.data.train_images)
-        self.train_labels = jnp.asarray(self.data.train_labels)
+        if self.source is None:  # data on device once; batches are gathered inside jit
+            self.train_images = jnp.asarray(self.data.train_images)
+            self.train_labels = jnp.asarray(self.data.train_labels)
+            self._example = self.train_images[:1]
+        else:
+            self.train_images = self.train_labels = None
+            self._example = jnp.asarray(self.source.read(np.arange(1))[0])
+        self._stream: tuple[int, int, Iterator] | None = None  # (epoch, next step, batch iterator) of grain
         self._eval_data = self._pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
         self.num_test = len(self.data.test_labels)
         self._chunk_fns: dict[tuple[int, bool], Callable] = {}
@@ -378,7 +419,7 @@ class Trainer:
         trainer (the arrays are immutable and never donated, so the cached state can be handed out again)."""
         if self._initial is None:
             key = jax.random.key(self.config.seed)
-            example = self.train_images[:1]
+            example = self._example
             states = init_stage_states(self.stages, jax.random.fold_in(key, 0), example)
             extra = self.method.init_extra(self.stages, states, self.config, jax.random.fold_in(key, 3), example)
             self._initial = RunState(states, extra, key, 0, 0)
@@ -398,11 +439,25 @@ class Trainer:
     def _chunk_fn(self, phase: int, features: bool) -> Callable:
         """``run(states, extra, images, labels, perm, step_base, start) -> (states, extra, metrics [steps])``:
         one ``lax.scan`` dispatch (``loop='scan'``) or one dispatch per step without host synchronisation
-        (``loop='dispatch'``; faster on XLA:CPU, where convolutions inside a loop run ~4x slower)."""
+        (``loop='dispatch'``; faster on XLA:CPU, where convolutions inside a loop run ~4x slower). With the
+        grain loader ``images`` is the epoch's batch iterator (see :meth:`_batches`) and ``labels``/``perm``
+        are unused: one dispatch per step on the batches it yields."""
         if (phase, features) not in self._chunk_fns:
             step = self.method.make_step(self.stages, self.config, phase, features)
             static = (self.config.batch_size, self.steps_per_epoch, self.augment)
-            if self.loop == "scan":
+            if self.source is not None:
+                one = jax.jit(functools.partial(_streamed_step, step, self.augment))
+
+                def run(states, extra, batches, labels, perm, step_base, start):
+                    ms = []
+                    for s in range(start, min(start + self.chunk_steps, self.steps_per_epoch)):
+                        x, y = next(batches)
+                        states, extra, m = one(states, extra, x, y, step_base, jnp.int32(s))
+                        ms.append(m)
+                    return states, extra, jax.tree.map(lambda *a: jnp.stack(a), *ms)
+
+                self._chunk_fns[phase, features] = run
+            elif self.loop == "scan":
                 self._chunk_fns[phase, features] = jax.jit(
                     functools.partial(_run_chunk, step, self.chunk_steps, *static)
                 )
@@ -418,6 +473,23 @@ class Trainer:
 
                 self._chunk_fns[phase, features] = run
         return self._chunk_fns[phase, features]
+
+    def _batches(self, perm: jax.Array, start: int) -> Iterator[tuple[jax.Array, jax.Array]]:
+        """grain pipeline over the epoch's batches ``start..steps_per_epoch-1``: batch ``s`` is examples
+        ``perm[s*B:(s+1)*B]`` read from :attr:`source` on ``GRAIN_THREADS`` background threads, ``GRAIN_PREFETCH``
+        batches ahead, and put on the device: ``(images [B, H, W, C], labels [B])``."""
+        import grain  # lazy: only the streaming loader needs it
+
+        b, order, source = self.config.batch_size, np.asarray(jax.device_get(perm)), self.source
+
+        def read(s: int) -> tuple[jax.Array, jax.Array]:
+            x, y = source.read(order[s * b : (s + 1) * b])
+            return jax.device_put(x), jax.device_put(y)
+
+        ds = grain.MapDataset.range(start, self.steps_per_epoch).map(read)
+        return iter(
+            ds.to_iter_dataset(grain.ReadOptions(num_threads=GRAIN_THREADS, prefetch_buffer_size=GRAIN_PREFETCH))
+        )
 
     def frozen_features(self, states: list[StageState], phase: int) -> jax.Array:
         """Output of the frozen stages ``0..phase-1`` (eval-mode BN) on every training image, computed in
@@ -465,23 +537,30 @@ class Trainer:
         """
         cfg = self.config
         self._phase = self._phase_x = None  # phase inputs are recomputed from the state being resumed
+        self._stream = None  # and the grain iterator restarts at the state's step
         while state.epoch < self.total_epochs:
             phase = state.epoch // cfg.epochs
             if phase != self._phase:
                 self._phase = phase
-                make = self.method.phase_inputs
+                make = self.method.phase_inputs if self.source is None else None
                 self._phase_x = make(self, state.stages, phase) if make else None
             images = self.train_images if self._phase_x is None else self._phase_x
             t0 = time.perf_counter()
             if self._order is None or self._order[0] != state.epoch:
                 self._order = (state.epoch, self._order_fn(state.key, jnp.int32(state.epoch)))
             perm, step_base = self._order[1]
+            if self.source is not None:
+                if self._stream is None or self._stream[:2] != (state.epoch, state.step):
+                    self._stream = (state.epoch, state.step, self._batches(perm, state.step))
+                images = self._stream[2]
             stages, extra, metrics = self._chunk_fn(phase, self._phase_x is not None)(
                 state.stages, state.extra, images, self.train_labels, perm, step_base, state.step
             )
             metrics = jax.device_get(metrics)
             dt = time.perf_counter() - t0
             steps = min(self.chunk_steps, self.steps_per_epoch - state.step)
+            if self._stream is not None:
+                self._stream = (state.epoch, state.step + steps, self._stream[2])
             train = {k: _nanmean(v[:steps]) for k, v in metrics.items()}
             train["lr"] = [
                 float(s.schedule(int(st.step))) if s.schedule else float("nan")
@@ -517,14 +596,24 @@ def _epoch_order(key, epoch, n):
 
 
 def _batch_at(images, labels, perm, step_base, s, batch, steps_per_epoch, augment):
-    """Batch ``s`` of the epoch: ``perm[s*batch:(s+1)*batch]`` gathered (and augmented with
-    ``fold_in(fold_in(step_base, s), 0)``); also returns the step's method key ``fold_in(..., 1)``."""
+    """Batch ``s`` of the epoch: ``perm[s*batch:(s+1)*batch]`` gathered, then :func:`_augment_at`."""
     idx = jax.lax.dynamic_slice_in_dim(perm, jnp.minimum(s, steps_per_epoch - 1) * batch, batch)
-    x, y = images[idx], labels[idx]
+    return _augment_at(images[idx], labels[idx], step_base, s, augment)
+
+
+def _augment_at(x, y, step_base, s, augment):
+    """Batch ``s`` (``x: [batch, H, W, C]``) augmented with ``fold_in(fold_in(step_base, s), 0)`` when
+    ``augment`` is ``(padding, flip)``; returns ``(x, y, key)`` with the step's method key ``fold_in(..., 1)``."""
     skey = jax.random.fold_in(step_base, s)
     if augment is not None:
         x = augment_batch(jax.random.fold_in(skey, 0), x, *augment)
     return x, y, jax.random.fold_in(skey, 1)
+
+
+def _streamed_step(step_fn, augment, states, extra, x, y, step_base, s):
+    """One optimizer step on batch ``s`` read by the host (``x: [batch, H, W, C]``, ``y: [batch]``)."""
+    x, y, k = _augment_at(x, y, step_base, s, augment)
+    return step_fn(states, extra, x, y, k)
 
 
 def _one_step(step_fn, batch, steps_per_epoch, augment, states, extra, images, labels, perm, step_base, s):

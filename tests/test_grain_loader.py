@@ -1,0 +1,103 @@
+"""The streaming loader (``loader='grain'``): bit-identical to the in-memory loader for the same seed, resumes
+mid-epoch bit-identically with no iterator state, reads tfds through ``tfds.data_source`` (under
+``tfds.testing.mock_data``), rejects bad names, and keeps grain out of the memory path's imports."""
+
+import dataclasses
+import subprocess
+import sys
+from unittest import mock
+
+import chex
+import numpy as np
+import pytest
+
+from dgl_jax import cli
+from dgl_jax.data import Dataset, load_dataset, load_train_source
+from dgl_jax.trainer import TrainConfig, Trainer
+
+# 600 training digits, batch 64: 9 steps per epoch in chunks of 4, 4 and 1 steps; a narrow model (compile time)
+TINY = dict(head="linear", model_options={"width_mult": 0.25})
+CONFIG = TrainConfig(epochs=1, chunk_steps=4, decay_epochs=None, augment=True, eval_batch_size=200, **TINY)
+
+
+@pytest.fixture(scope="module")
+def small(digits):
+    return Dataset("digits", digits.train_images[:600], digits.train_labels[:600], digits.test_images,
+                   digits.test_labels, 10)  # fmt: skip
+
+
+def run(trainer, state, stop_after_chunks=None):
+    for i, ev in enumerate(trainer.fit(state)):
+        state = ev.state
+        if stop_after_chunks is not None and i + 1 == stop_after_chunks:
+            break
+    return state
+
+
+@pytest.fixture(scope="module")
+def grain_trainer(small):
+    return Trainer(dataclasses.replace(CONFIG, loader="grain"), dataset=small, log=lambda s: None)
+
+
+@pytest.fixture(scope="module")
+def grain_straight(grain_trainer):
+    return run(grain_trainer, grain_trainer.init_state())
+
+
+def test_grain_equals_memory_bit_for_bit(small, grain_trainer, grain_straight):
+    memory = Trainer(CONFIG, dataset=small, log=lambda s: None)
+    memory._initial = grain_trainer.init_state()  # same model, seed and optimizer: skip a second init
+    assert grain_trainer.train_images is None and memory.source is None  # grain never puts the split on device
+    straight = run(memory, memory.init_state())
+    assert (straight.epoch, straight.step) == (grain_straight.epoch, grain_straight.step) == (1, 0)
+    chex.assert_trees_all_equal(grain_straight.stages, straight.stages)
+    # training moved the parameters (the comparison is not between two untouched initial states)
+    with pytest.raises(AssertionError):
+        chex.assert_trees_all_equal(memory.init_state().stages[0].params, straight.stages[0].params)
+    assert grain_trainer.evaluate(grain_straight.stages) == memory.evaluate(straight.stages)
+
+
+def test_grain_resume_mid_epoch_is_bit_identical(grain_trainer, grain_straight):
+    stopped = run(grain_trainer, grain_trainer.init_state(), stop_after_chunks=1)
+    assert (stopped.epoch, stopped.step) == (0, 4)  # mid-epoch
+    resumed = run(grain_trainer, stopped)  # only epoch and step say where the data stream continues
+    chex.assert_trees_all_equal(resumed.stages, grain_straight.stages)
+    assert (resumed.epoch, resumed.step) == (1, 0)
+
+
+def test_tfds_streams_under_mock_data():
+    import tensorflow_datasets as tfds
+
+    config = TrainConfig(dataset="cifar10", data_dir="/nonexistent/tfds", loader="grain", batch_size=4, epochs=1,
+                         chunk_steps=2, eval_batch_size=12, validation=0.25, **TINY)  # fmt: skip
+    with (
+        tfds.testing.mock_data(num_examples=12),
+        mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
+    ):
+        source, evaluation = load_train_source("cifar10", config.data_dir, validation=0.25)
+        memory = load_dataset("cifar10", config.data_dir, validation=0.25)
+        # the same validation split and normalisation as the in-memory path, read batch by batch
+        assert len(source) == 9 and source.image_shape == (32, 32, 3) and evaluation.name == "cifar10[val]"
+        idx = np.array([8, 0, 3])
+        x, y = source.read(idx)
+        np.testing.assert_array_equal(x, memory.train_images[idx])
+        np.testing.assert_array_equal(y, memory.train_labels[idx])
+        np.testing.assert_array_equal(evaluation.test_images, memory.test_images)
+        trainer = Trainer(config, log=lambda s: None)
+        assert trainer.train_images is None and trainer.steps_per_epoch == 2
+        events = list(trainer.fit(trainer.init_state()))
+    assert [ev.steps for ev in events] == [2] and events[-1].state.epoch == 1
+    assert all(np.isfinite(events[-1].train["loss"])) and len(events[-1].eval["accuracy"]) == trainer.num_stages
+
+
+def test_bad_loader_names_the_accepted_ones(small):
+    with pytest.raises(ValueError, match=r"loader 'disk' is not valid; expected one of \['memory', 'grain'\]"):
+        Trainer(dataclasses.replace(CONFIG, loader="disk"), dataset=small)
+    with pytest.raises(ValueError, match="loop 'scan' is not valid; expected 'auto' or 'dispatch' with loader"):
+        Trainer(dataclasses.replace(CONFIG, loader="grain", loop="scan"), dataset=small)
+    assert cli.main(["train", "--loader", "disk", "--no-progress", "--compilation-cache", "off"]) == 2
+
+
+def test_memory_path_does_not_import_grain():
+    code = "import sys, dgl_jax.cli, dgl_jax.trainer; assert 'grain' not in sys.modules, 'grain imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
