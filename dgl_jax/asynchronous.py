@@ -26,6 +26,19 @@ Schedules (pytrees: their numbers are traced, so one compiled run serves every s
 
 A communication delay of ``d`` ticks between stages is :attr:`AsyncConfig.delay`.
 
+**Buffers of VQ codes** (:attr:`AsyncConfig.vq`, a :class:`dgl_jax.vq_train.VQConfig` for every boundary or
+one per boundary). When stage j runs, it encodes its output with the codebook copy its receiver holds,
+updates its own EMA k-means state and, every ``sync_every`` of its updates, refreshes the receiver's copy
+(:func:`dgl_jax.vq_train.send_codes`, the same code as synchronous DGL with VQ). Only the integer codes
+``[batch, H, W, G]`` (uint8/uint16) and the labels enter the delay line and buffer j; stage j+1 decodes what
+it samples with its copy of the codebook *at read time* (codes written under an older codebook decode to the
+current centroids of the same indices, as :func:`dgl_jax.vq_train.sample_codes`). Codebook syncs are not
+delayed (they reach the receiver in the tick they are made; ``delay`` applies to codes only). Bandwidth per
+boundary: the codes of every sent batch plus one codebook ``[G, K, d]`` float32 every ``sync_every`` sender
+updates (:func:`dgl_jax.vq_train.boundary_traffic`). Each codebook is seeded from the first batch its sender
+sends (``config.init``), inside the scan, so the trainer and the library share one path.
+:func:`buffer_memory` gives per-stage bytes of the stored items vs float32.
+
 **Real asynchrony.** :func:`run_threaded`: one Python thread per stage (the thread machinery of
 :mod:`dgl_jax.parallel`: :class:`~dgl_jax.parallel.Workers`, :class:`~dgl_jax.parallel.Channel`), stage j's
 state and its input buffer committed to its own device; a stage waits only when its buffer has nothing to
@@ -46,7 +59,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgl_jax import buffer
+from dgl_jax import buffer, vq
+from dgl_jax import vq_train as vt
 from dgl_jax.stage import Stage, StageState
 from dgl_jax.train import stage_step
 
@@ -160,15 +174,23 @@ def make_schedule(
 class AsyncConfig:
     """Static settings of an asynchronous run: buffer ``capacity`` M (>= 1), sampling ``policy`` (one of
     :data:`dgl_jax.buffer.POLICIES`), ``max_reuse`` (None: unlimited), communication ``delay`` (ticks >= 0)
-    and ``warmup_rounds`` of ordered warm-up (None: ``capacity`` rounds, which fills every buffer)."""
+    and ``warmup_rounds`` of ordered warm-up (None: ``capacity`` rounds, which fills every buffer). ``vq``:
+    buffers hold VQ codes: one :class:`~dgl_jax.vq_train.VQConfig` for every boundary, or a sequence of K-1
+    (``None`` entries keep float features on that boundary); ``None`` (default): float buffers."""
 
     capacity: int = 1
     policy: str = "priority_lifo"
     max_reuse: int | None = None
     delay: int = 0
     warmup_rounds: int | None = None
+    vq: vt.VQConfig | tuple[vt.VQConfig | None, ...] | None = None
 
     def __post_init__(self):
+        if self.vq is not None and not isinstance(self.vq, vt.VQConfig):
+            plan = tuple(self.vq) if isinstance(self.vq, (list, tuple)) else None
+            if plan is None or not all(c is None or isinstance(c, vt.VQConfig) for c in plan):
+                raise ValueError(f"vq must be None, a VQConfig or a sequence of VQConfig/None, got {self.vq!r}")
+            object.__setattr__(self, "vq", plan)  # hashable
         if not isinstance(self.capacity, int) or self.capacity < 1:
             raise ValueError(f"buffer capacity must be an int >= 1, got {self.capacity!r}")
         buffer.check_policy(self.policy)
@@ -181,6 +203,10 @@ class AsyncConfig:
     @property
     def warmup(self) -> int:
         return self.capacity if self.warmup_rounds is None else self.warmup_rounds
+
+    def plan(self, num_stages: int) -> tuple[vt.VQConfig | None, ...]:
+        """The VQ config of each of the ``num_stages - 1`` boundaries (``None``: float features)."""
+        return vt.as_plan(self.vq, num_stages)
 
 
 class DelayLine(NamedTuple):
@@ -215,8 +241,10 @@ def _line_shift(
 
 class AsyncState(NamedTuple):
     """Carry of the simulation: per-stage ``states``, ``buffers[j]`` (input of stage j+1, K-1 of them, items
-    ``(features, labels)``), the current ``tick``, ``consumed`` (fresh batches stage 0 has read), ``key``, and
-    the K-1 :class:`DelayLine` of messages in flight (empty list without delay)."""
+    ``(features, labels)``, or ``(codes, labels)`` on a quantized boundary), the current ``tick``,
+    ``consumed`` (fresh batches stage 0 has read), ``key``, the K-1 :class:`DelayLine` of messages in flight
+    (empty list without delay) and, with VQ, the K-1 :class:`~dgl_jax.vq_train.Boundary` (sender state and
+    receiver codebook; ``None`` on float boundaries; empty list without VQ)."""
 
     states: list[StageState]
     buffers: list[buffer.BufferState]
@@ -224,18 +252,23 @@ class AsyncState(NamedTuple):
     consumed: jax.Array
     key: jax.Array
     lines: list[DelayLine]
+    boundaries: tuple = ()
 
 
 class AsyncRecords(NamedTuple):
     """Per tick and stage (``[T, K]``): ``updated`` (bool: the stage took a step), ``staleness`` (age in ticks
     of the consumed batch; 0 for stage 0's fresh data; -1 without update), ``reuse`` (how often the consumed
-    batch had been read before; -1 without update), ``loss`` and ``accuracy`` (NaN without update)."""
+    batch had been read before; -1 without update), ``loss`` and ``accuracy`` (NaN without update), and for
+    a stage that sends codes (NaN otherwise): ``distortion`` (relative squared error of its output decoded
+    with the receiver's copy) and ``coverage`` (fraction of codes the batch used)."""
 
     updated: jax.Array
     staleness: jax.Array
     reuse: jax.Array
     loss: jax.Array
     accuracy: jax.Array
+    distortion: jax.Array
+    coverage: jax.Array
 
 
 def message_example(
@@ -259,13 +292,55 @@ def init_async(
     key: jax.Array,
 ) -> AsyncState:
     """The initial :class:`AsyncState`: ``states`` and K-1 empty buffers sized for batches like
-    ``x: [batch, H, W, C]`` / ``labels: [batch]``."""
+    ``x: [batch, H, W, C]`` / ``labels: [batch]``. With ``config.vq``, quantized boundaries get buffers of
+    codes (:func:`dgl_jax.vq_train.init_code_buffer`) and a placeholder codebook (``fold_in(key, j)``) that
+    the first send seeds from data; ``ValueError`` if a ``code_dim``/``groups`` does not divide a stage's
+    channels or a batch has fewer vectors than codes for ``init='sample'``."""
     if len(stages) != len(states):
         raise ValueError(f"got {len(stages)} stages but {len(states)} states")
     examples = message_example(stages, states, x, labels)
-    bufs = [buffer.init(config.capacity, ex) for ex in examples]
-    lines = [_line_init(config.delay, ex) for ex in examples] if config.delay else []
-    return AsyncState(list(states), bufs, jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32), key, lines)
+    zero = jnp.zeros((), jnp.int32)
+    if config.vq is None:
+        bufs = [buffer.init(config.capacity, ex) for ex in examples]
+        lines = [_line_init(config.delay, ex) for ex in examples] if config.delay else []
+        return AsyncState(list(states), bufs, zero, jnp.zeros((), jnp.int32), key, lines)
+    bufs, bounds = [], []
+    for j, (cfg, (feat, lab)) in enumerate(zip(config.plan(len(stages)), examples, strict=True)):
+        if cfg is None:
+            bufs.append(buffer.init(config.capacity, (feat, lab)))
+            bounds.append(None)
+            continue
+        try:
+            groups, code_dim = cfg.layout(feat.shape[-1])
+        except ValueError as e:
+            raise ValueError(f"VQ at the output of stage {j} (features {tuple(feat.shape[1:])}): {e}") from None
+        vectors = feat.size // feat.shape[-1]
+        if cfg.init == "sample" and vectors < (cfg.max_codes or cfg.num_codes):
+            raise ValueError(
+                f"VQ at the output of stage {j}: init 'sample' needs at least {cfg.max_codes or cfg.num_codes} "
+                f"vectors per batch, a batch has {vectors}; use fewer codes, a larger batch or init='kmeans++'"
+            )
+        s = vq.init(jax.random.fold_in(key, j), cfg.num_codes, code_dim, groups, max_codes=cfg.max_codes)
+        b = vt.Boundary(s, jnp.copy(s.codebook))
+        bufs.append(vt.init_code_buffer(config.capacity, b, feat.shape[1:], feat.shape[0]))
+        if bufs[-1].items[1].dtype != lab.dtype:
+            bufs[-1] = bufs[-1]._replace(items=(bufs[-1].items[0], bufs[-1].items[1].astype(lab.dtype)))
+        bounds.append(b)
+    item_examples = [jax.tree.map(lambda a: jnp.zeros(a.shape[1:], a.dtype), b.items) for b in bufs]
+    lines = [_line_init(config.delay, ex) for ex in item_examples] if config.delay else []
+    return AsyncState(list(states), bufs, zero, jnp.zeros((), jnp.int32), key, lines, list(bounds))
+
+
+def _seed_on_first_send(cfg: vt.VQConfig, b: vt.Boundary, feats: jax.Array, key: jax.Array) -> vt.Boundary:
+    """Before a boundary's first update (``sender.step == 0``), seeds sender and receiver codebooks from the
+    sender's output ``feats: [batch, H, W, C]`` (``cfg.init``, as :func:`dgl_jax.vq_train.init_vq` does from
+    the first batch); later it returns ``b`` unchanged. Traced: one ``lax.cond``."""
+
+    def seed(b):
+        s = vq.init_from_data(b.sender, key, feats, cfg.init)
+        return vt.Boundary(s, s.codebook)
+
+    return jax.lax.cond(b.sender.step == 0, seed, lambda b: b, b)
 
 
 def async_ticks(
@@ -285,30 +360,56 @@ def async_ticks(
     k = len(stages)
     if schedule.num_stages != k:
         raise ValueError(f"schedule is for {schedule.num_stages} stages but the model has {k}")
+    plan = (None,) * (k - 1) if config.vq is None else config.plan(k)
+    if any(c is not None for c in plan) and len(state.boundaries) != k - 1:
+        raise ValueError("config.vq is set but the state has no codebooks: build it with init_async(..., config)")
     warm_ticks = config.warmup * k
     msg_shapes = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), b.items) for b in state.buffers]
     msg_shapes = [jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), m) for m in msg_shapes]
+    nan = jnp.float32(jnp.nan)
 
     def make_branches(j):
-        def run(st, inp, n):
+        cfg_in = plan[j - 1] if j > 0 else None  # boundary j-1 feeds stage j
+        cfg_out = plan[j] if j < k - 1 else None  # stage j sends on boundary j
+
+        def run(st, inp, n, *q):
             if j == 0:
                 x, y = input_fn(n)
             else:
                 x, y = inp
+                if cfg_in is not None:
+                    x = vq.decode(q[0]["book"], x)  # the receiver decodes with its copy of the codebook
             st, feat, loss, acc = stage_step(stages[j], st, x, y)
-            return st, (feat, y) if j < k - 1 else None, loss, acc
+            if not q:  # no VQ on either side: exactly the float path
+                return st, (feat, y) if j < k - 1 else None, loss, acc
+            qo = {"bound": q[0]["bound"], "distortion": nan, "coverage": nan}
+            out = (feat, y) if j < k - 1 else None
+            if cfg_out is not None:
+                seed_key, send_key = jax.random.split(q[0]["key"])
+                b = _seed_on_first_send(cfg_out, q[0]["bound"], feat, seed_key)
+                b_new, codes, stats = vt.send_codes(cfg_out, b, feat, send_key)
+                qo = {
+                    "bound": b_new,
+                    "distortion": vq.distortion(feat, vq.decode(b.receiver, codes)),
+                    "coverage": stats.coverage,
+                }
+                out = (codes, y)
+            return st, out, loss, acc, qo
 
-        def skip(st, inp, n):
+        def skip(st, inp, n, *q):
             out = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), msg_shapes[j]) if j < k - 1 else None
-            return st, out, jnp.float32(jnp.nan), jnp.float32(jnp.nan)
+            if not q:
+                return st, out, nan, nan
+            return st, out, nan, nan, {"bound": q[0]["bound"], "distortion": nan, "coverage": nan}
 
-        return run, skip
+        return run, skip, cfg_in is not None or cfg_out is not None
 
     branches = [make_branches(j) for j in range(k)]
 
     def body(carry: AsyncState, _):
-        states, bufs, t, consumed, key, lines = carry
+        states, bufs, t, consumed, key, lines, bounds = carry
         lines = list(lines)
+        new_bounds = list(bounds)
         key, sched_key, *sample_keys = jax.random.split(key, k + 1)
         active = jnp.where(t < warm_ticks, jnp.arange(k) == t % k, schedule(sched_key, t))
         new_bufs = list(bufs)
@@ -322,10 +423,26 @@ def async_ticks(
             valids.append(valid)
             stale.append(t - b.ticks[idx])
             reuse.append(b.uses[idx])
-        new_states, losses, accs = [], [], []
+        books = [None if b is None else b.receiver for b in new_bounds]  # receivers' copies before the tick
+        new_states, losses, accs, dists, covs = [], [], [], [], []
         for j in range(k):
-            run, skip = branches[j]
-            st, out, loss, acc = jax.lax.cond(valids[j], run, skip, states[j], inputs[j], consumed)
+            run, skip, uses_vq = branches[j]
+            ops = (states[j], inputs[j], consumed)
+            if uses_vq:
+                q = {
+                    "book": books[j - 1] if j > 0 else None,
+                    "bound": new_bounds[j] if j < k - 1 else None,
+                    "key": jax.random.fold_in(sched_key, j + 1),
+                }
+                st, out, loss, acc, qo = jax.lax.cond(valids[j], run, skip, *ops, q)
+                if j < k - 1:
+                    new_bounds[j] = qo["bound"]
+                dists.append(qo["distortion"])
+                covs.append(qo["coverage"])
+            else:
+                st, out, loss, acc = jax.lax.cond(valids[j], run, skip, *ops)
+                dists.append(nan)
+                covs.append(nan)
             new_states.append(st)
             losses.append(loss)
             accs.append(acc)
@@ -341,8 +458,11 @@ def async_ticks(
             reuse=jnp.where(upd, jnp.stack(reuse), -1),
             loss=jnp.stack(losses),
             accuracy=jnp.stack(accs),
+            distortion=jnp.stack(dists),
+            coverage=jnp.stack(covs),
         )
-        carry = AsyncState(new_states, new_bufs, t + 1, consumed + valids[0].astype(jnp.int32), key, lines)
+        bounds = type(bounds)(new_bounds)
+        carry = AsyncState(new_states, new_bufs, t + 1, consumed + valids[0].astype(jnp.int32), key, lines, bounds)
         return carry, rec
 
     return jax.lax.scan(body, state, None, length=num_ticks)
@@ -376,10 +496,32 @@ def epoch_input_fn(images: jax.Array, labels: jax.Array, batch_size: int, key: j
     return input_fn
 
 
-def summarize(records: AsyncRecords, tail: float = 0.1) -> dict[str, np.ndarray]:
+def buffer_memory(state: AsyncState) -> dict[str, np.ndarray]:
+    """Replay-buffer memory per stage (``[K]`` int64 host arrays; entry j is stage j's input buffer, 0 for
+    stage 0): ``buffer_bytes`` (the stored features or codes of all ``capacity`` slots, as allocated),
+    ``codebook_bytes`` (the receiver's codebook copy ``[G, K, d]`` stage j holds to decode; 0 on float
+    boundaries) and ``buffer_bytes_fp32`` (the same slots holding float32 features ``[batch, H, W, C]``).
+    Labels and messages still in a delay line are not counted. Works on a state or its shapes."""
+    k = len(state.states)
+    out = {name: np.zeros(k, np.int64) for name in ("buffer_bytes", "codebook_bytes", "buffer_bytes_fp32")}
+    for j, buf in enumerate(state.buffers):
+        feats = buf.items[0]
+        b = state.boundaries[j] if state.boundaries else None
+        out["buffer_bytes"][j + 1] = feats.size * np.dtype(feats.dtype).itemsize
+        if b is None:
+            out["buffer_bytes_fp32"][j + 1] = feats.size * 4
+        else:
+            g, _, d = b.receiver.shape
+            out["codebook_bytes"][j + 1] = b.receiver.size * np.dtype(b.receiver.dtype).itemsize
+            out["buffer_bytes_fp32"][j + 1] = feats.size // g * (g * d) * 4
+    return out
+
+
+def summarize(records: AsyncRecords, tail: float = 0.1, state: AsyncState | None = None) -> dict[str, np.ndarray]:
     """Per-stage summary (``[K]`` host arrays): ``updates``, ``mean_staleness``, ``max_staleness``,
     ``mean_reuse``, ``max_reuse`` and the mean ``loss``/``accuracy`` over each stage's last ``tail`` fraction
-    of updates."""
+    of updates; when some stage sent VQ codes, also ``distortion`` and ``coverage`` (same tail mean, NaN for
+    stages that send no codes); with ``state``, the entries of :func:`buffer_memory`."""
     r = jax.tree.map(np.asarray, records)
     upd = r.updated
     k = upd.shape[1]
@@ -398,7 +540,14 @@ def summarize(records: AsyncRecords, tail: float = 0.1) -> dict[str, np.ndarray]
         last = max(1, int(np.ceil(n * tail)))
         out["loss"].append(float(r.loss[m, j][-last:].mean()) if n else np.nan)
         out["accuracy"].append(float(r.accuracy[m, j][-last:].mean()) if n else np.nan)
-    return {k_: np.asarray(v) for k_, v in out.items()}
+        if np.isfinite(r.distortion).any():
+            for name in ("distortion", "coverage"):
+                v = getattr(r, name)[m, j][-last:]
+                out.setdefault(name, []).append(float(v.mean()) if n and np.isfinite(v).all() else np.nan)
+    summary = {k_: np.asarray(v) for k_, v in out.items()}
+    if state is not None:
+        summary.update(buffer_memory(state))
+    return summary
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -581,6 +730,14 @@ ASYNC_OPTIONS: dict[str, Any] = {
     "schedule": "paper",
     "slow_stage": None,
     "slowdown": 1.0,
+    # buffers of VQ codes: the fields of dgl_jax.vq_train.VQConfig, prefixed with vq_ (vq_num_codes None: floats)
+    "vq_num_codes": None,
+    "vq_code_dim": None,  # None: 16 unless vq_groups is given
+    "vq_groups": None,
+    "vq_sync_every": 1,
+    "vq_decay": 0.99,
+    "vq_restart_threshold": 1e-2,
+    "vq_init": "sample",
 }
 
 
@@ -589,11 +746,34 @@ def _async_options(config: Any) -> tuple[AsyncConfig, dict[str, Any]]:
     if unknown:
         raise ValueError(f"unknown async options {unknown}; expected some of {sorted(ASYNC_OPTIONS)}")
     o = {**ASYNC_OPTIONS, **config.method_options}
-    acfg = AsyncConfig(o["capacity"], o["policy"], o["max_reuse"], o["delay"], o["warmup_rounds"])
+    acfg = AsyncConfig(o["capacity"], o["policy"], o["max_reuse"], o["delay"], o["warmup_rounds"], _vq_option(o))
     _check_slowdown(o["slowdown"])
     if o["schedule"] not in ("paper", "fixed", "round_robin"):
         raise ValueError(f"unknown schedule {o['schedule']!r}; expected one of ('paper', 'fixed', 'round_robin')")
     return acfg, o
+
+
+def _vq_option(o: dict[str, Any]) -> vt.VQConfig | None:
+    """The :class:`~dgl_jax.vq_train.VQConfig` of the ``vq_*`` options (``None`` without ``vq_num_codes``)."""
+    names = [n for n in ASYNC_OPTIONS if n.startswith("vq_") and n != "vq_num_codes"]
+    if o["vq_num_codes"] is None:
+        set_ = [n for n in names if o[n] != ASYNC_OPTIONS[n]]
+        if set_:
+            raise ValueError(f"async options {set_} need vq_num_codes (the codebook size; null: float buffers)")
+        return None
+    code_dim = 16 if o["vq_code_dim"] is None and o["vq_groups"] is None else o["vq_code_dim"]
+    try:
+        return vt.VQConfig(
+            num_codes=o["vq_num_codes"],
+            code_dim=code_dim,
+            groups=o["vq_groups"],
+            decay=o["vq_decay"],
+            restart_threshold=o["vq_restart_threshold"],
+            sync_every=o["vq_sync_every"],
+            init=o["vq_init"],
+        )
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"async VQ options: {e}") from None
 
 
 def _async_schedule(num_stages: int, o: dict[str, Any]) -> Schedule:
@@ -605,20 +785,28 @@ def register_methods() -> None:
 
     One trainer step runs K ticks of the schedule; stage 0 reads the step's batch whenever it is active (0, 1
     or more times per step). Logged per stage: ``loss``/``accuracy`` (mean over its updates in the step),
-    ``updates`` (count), ``staleness`` and ``reuse`` (mean over its updates). With ``capacity=1`` and
-    ``schedule=round_robin`` the run equals ``--method dgl``.
+    ``updates`` (count), ``staleness`` and ``reuse`` (mean over its updates), ``buffer_mib`` (its input
+    buffer's stored items plus the codebook it holds, MiB) and ``buffer_mib_fp32`` (the same buffer of
+    float32 features); with ``vq_num_codes``, also ``vq_distortion`` and ``vq_coverage`` of what it sent.
+    With ``capacity=1`` and ``schedule=round_robin`` (and no VQ) the run equals ``--method dgl``.
     """
     from dgl_jax.trainer import METHODS, Method, register_method
 
     if "async" in METHODS:
         return
 
+    def _extra(st: AsyncState) -> dict[str, Any]:
+        extra = {"buffers": st.buffers, "lines": st.lines, "tick": st.tick, "consumed": st.consumed}
+        if st.boundaries:
+            extra["vq"] = st.boundaries  # only with VQ: float runs keep their checkpoint layout
+        return extra
+
     def init_extra(stages, states, config, key, example):
         acfg, o = _async_options(config)
         _async_schedule(len(stages), o)  # a slow stage out of range fails here, before training
         x = jnp.zeros((config.batch_size, *example.shape[1:]), example.dtype)
         st = init_async(stages, states, x, jnp.zeros((config.batch_size,), jnp.int32), acfg, key)
-        return {"buffers": st.buffers, "lines": st.lines, "tick": st.tick, "consumed": st.consumed}
+        return _extra(st)
 
     def make_step(stages, config, phase, features):
         acfg, o = _async_options(config)
@@ -626,7 +814,9 @@ def register_methods() -> None:
         schedule = _async_schedule(k, o)
 
         def step(states, extra, x, y, key):
-            st = AsyncState(states, extra["buffers"], extra["tick"], extra["consumed"], key, extra["lines"])
+            st = AsyncState(
+                states, extra["buffers"], extra["tick"], extra["consumed"], key, extra["lines"], extra.get("vq", ())
+            )
             st, rec = async_ticks(stages, acfg, lambda n: (x, y), st, schedule, k)
             upd = rec.updated
             n = upd.sum(0)
@@ -641,8 +831,13 @@ def register_methods() -> None:
                 "staleness": mean(rec.staleness.astype(jnp.float32)),
                 "reuse": mean(rec.reuse.astype(jnp.float32)),
             }
-            extra = {"buffers": st.buffers, "lines": st.lines, "tick": st.tick, "consumed": st.consumed}
-            return st.states, extra, metrics
+            mem = buffer_memory(st)  # static: from shapes
+            metrics["buffer_mib"] = jnp.asarray((mem["buffer_bytes"] + mem["codebook_bytes"]) / 2**20, jnp.float32)
+            metrics["buffer_mib_fp32"] = jnp.asarray(mem["buffer_bytes_fp32"] / 2**20, jnp.float32)
+            if acfg.vq is not None:
+                metrics["vq_distortion"] = jnp.nanmean(rec.distortion, 0)
+                metrics["vq_coverage"] = jnp.nanmean(rec.coverage, 0)
+            return st.states, _extra(st), metrics
 
         return step
 

@@ -188,18 +188,28 @@ def _seed_codebook(
     return vq.init_from_data(s, k2, feats, method)
 
 
-def quantize_boundary(
-    cfg: VQConfig, b: Boundary, feats: jax.Array, key: jax.Array
-) -> tuple[Boundary, jax.Array, jax.Array, vq.VQStats]:
-    """One boundary: sender encodes ``feats`` and updates its codebook; receiver decodes. Returns ``(new
-    boundary, decoded features, codes, stats)``; ``codes`` is all that crossed (plus the sync)."""
+def send_codes(cfg: VQConfig, b: Boundary, feats: jax.Array, key: jax.Array) -> tuple[Boundary, jax.Array, vq.VQStats]:
+    """The sender's half of a boundary: encodes ``feats: [batch, H, W, C]`` with the receiver's codebook
+    copy, updates its own EMA k-means state (``key``: dead-code restarts) and, every ``cfg.sync_every`` of
+    its updates, refreshes the receiver's copy. Returns ``(new boundary, codes [batch, H, W, G], stats)``.
+    Used by synchronous (:func:`quantize_boundary`) and asynchronous (:mod:`dgl_jax.asynchronous`) DGL."""
     codes = vq.encode(b.sender._replace(codebook=b.receiver), feats)  # sender, with the receiver's codebook
     sender = vq.update(
         b.sender, feats, codes, decay=cfg.decay, eps=cfg.eps, key=key, restart_threshold=cfg.restart_threshold
     )
-    x_hat = vq.decode(b.receiver, codes)  # receiver
     receiver = jnp.where(sender.step % cfg.sync_every == 0, sender.codebook, b.receiver)  # periodic sync
-    return Boundary(sender, receiver), x_hat, codes, vq.stats(sender, codes)
+    return Boundary(sender, receiver), codes, vq.stats(sender, codes)
+
+
+def quantize_boundary(
+    cfg: VQConfig, b: Boundary, feats: jax.Array, key: jax.Array
+) -> tuple[Boundary, jax.Array, jax.Array, vq.VQStats]:
+    """One boundary: sender encodes ``feats`` and updates its codebook (:func:`send_codes`); receiver decodes
+    with its pre-sync copy. Returns ``(new boundary, decoded features, codes, stats)``; ``codes`` is all
+    that crossed (plus the sync)."""
+    new, codes, st = send_codes(cfg, b, feats, key)
+    x_hat = vq.decode(b.receiver, codes)  # receiver
+    return new, x_hat, codes, st
 
 
 def vq_dgl_step(
