@@ -10,7 +10,6 @@ space) to the synthesizer. The paper's synthesizer: 3 conv5x5 128 layers, the la
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -19,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dgl_jax.objective import accuracy, cross_entropy
+from dgl_jax.objective import accuracy, cross_entropy, message_specs
 from dgl_jax.stage import Stage, StageState, drop_aux_heads, init_stage_states
 
 
@@ -84,13 +83,7 @@ def init_dni(
         raise ValueError(f"DNI needs one synthesizer per boundary: {len(stages) - 1}, got {len(synths)}")
     k1, k2 = jax.random.split(key)
     states = init_stage_states(stages, k1, example)
-    shapes, x = [], example
-    for stage, st in zip(stages[:-1], states[:-1], strict=True):
-        variables = {"params": st.params, "batch_stats": st.batch_stats}
-        fn = functools.partial(stage.module.apply, method=stage.module.features, train=False)
-        x = jax.eval_shape(fn, variables, x)
-        shapes.append(x)
-    return states, init_synthesizers(synths, k2, shapes)
+    return states, init_synthesizers(synths, k2, message_specs(stages, states, example))
 
 
 class DNIMetrics(NamedTuple):
@@ -225,13 +218,7 @@ def register_methods() -> None:
     def make(conditional: bool):
         def init_extra(stages, states, config, key, example):
             synths = _synths_for(stages, config, conditional)
-            shapes, x = [], example
-            for stage, st in zip(stages[:-1], states[:-1], strict=True):
-                variables = {"params": st.params, "batch_stats": st.batch_stats}
-                fn = functools.partial(stage.module.apply, method=stage.module.features, train=False)
-                x = jax.eval_shape(fn, variables, x)
-                shapes.append(x)
-            return {"synth": init_synthesizers(synths, key, shapes)}
+            return {"synth": init_synthesizers(synths, key, message_specs(stages, states, example))}
 
         def make_step(stages, config, phase, features):
             synths = _synths_for(stages, config, conditional)

@@ -85,3 +85,15 @@ def greedy_loss(
 def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Fraction of rows of ``logits: [batch, classes]`` whose argmax equals ``labels: [batch]``."""
     return jnp.mean(jnp.argmax(logits, -1) == labels)
+
+
+def message_specs(stages: Sequence[Stage], states: Sequence[Any], example: jax.Array) -> list[jax.ShapeDtypeStruct]:
+    """Shapes and dtypes ``[batch, H, W, C]`` of the K-1 messages (outputs of stages ``0..K-2``) for inputs
+    shaped like ``example: [batch, H, W, C]``; traced abstractly, nothing is computed."""
+    specs, x = [], jax.ShapeDtypeStruct(example.shape, example.dtype)
+    for stage, st in zip(stages[:-1], states[:-1], strict=True):
+        x = jax.eval_shape(
+            lambda p, b, x, stage=stage: stage_apply(stage, p, b, x, False).features, st.params, st.batch_stats, x
+        )
+        specs.append(x)
+    return specs
