@@ -5,6 +5,7 @@ mid-epoch bit-identically with no iterator state, reads tfds through ``tfds.data
 import dataclasses
 import subprocess
 import sys
+import threading
 from unittest import mock
 
 import chex
@@ -12,12 +13,13 @@ import numpy as np
 import pytest
 
 from dgl_jax import cli
-from dgl_jax.data import Dataset, load_dataset, load_train_source
+from dgl_jax.data import ArraySource, Dataset, load_dataset, load_train_source
 from dgl_jax.trainer import TrainConfig, Trainer
 
-# 600 training digits, batch 64: 9 steps per epoch in chunks of 4, 4 and 1 steps; a narrow model (compile time)
+# 600 training digits, batch 64: 9 steps per epoch in chunks of 4, 4 and 1 steps; a narrow 2-stage model: most
+# of the time goes to compiling the model's init and step, about 3 to 6 CPU seconds per stage and program
 TINY = dict(head="linear", model_options={"width_mult": 0.25})
-CONFIG = TrainConfig(epochs=1, chunk_steps=4, decay_epochs=None, augment=True, eval_batch_size=200, **TINY)
+CONFIG = TrainConfig(split=2, epochs=1, chunk_steps=4, decay_epochs=None, augment=True, eval_batch_size=200, **TINY)
 
 
 @pytest.fixture(scope="module")
@@ -57,19 +59,34 @@ def test_grain_equals_memory_bit_for_bit(small, grain_trainer, grain_straight):
     assert grain_trainer.evaluate(grain_straight.stages) == memory.evaluate(straight.stages)
 
 
-def test_grain_resume_mid_epoch_is_bit_identical(grain_trainer, grain_straight):
+class RecordingSource(ArraySource):
+    """The same examples, noting which thread reads each batch."""
+
+    def __init__(self, images, labels):
+        super().__init__(images, labels)
+        self.threads = []
+
+    def read(self, indices):
+        self.threads.append(threading.current_thread())
+        return super().read(indices)
+
+
+def test_grain_resume_mid_epoch_is_bit_identical(small, grain_trainer, grain_straight):
+    grain_trainer.source = source = RecordingSource(small.train_images, small.train_labels)
     stopped = run(grain_trainer, grain_trainer.init_state(), stop_after_chunks=1)
     assert (stopped.epoch, stopped.step) == (0, 4)  # mid-epoch
     resumed = run(grain_trainer, stopped)  # only epoch and step say where the data stream continues
     chex.assert_trees_all_equal(resumed.stages, grain_straight.stages)
     assert (resumed.epoch, resumed.step) == (1, 0)
+    # batches were read ahead on background threads, never by the thread running the steps
+    assert len(source.threads) >= 4 + 5 and threading.main_thread() not in source.threads
 
 
 def test_tfds_streams_under_mock_data():
     import tensorflow_datasets as tfds
 
     config = TrainConfig(dataset="cifar10", data_dir="/nonexistent/tfds", loader="grain", batch_size=4, epochs=1,
-                         chunk_steps=2, eval_batch_size=12, validation=0.25, **TINY)  # fmt: skip
+                         chunk_steps=2, eval_batch_size=12, validation=0.25, split=1, **TINY)  # fmt: skip
     with (
         tfds.testing.mock_data(num_examples=12),
         mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
