@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
@@ -55,8 +56,8 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 OPTIMIZERS = ("sgd", "adam")
 LOOPS = ("auto", "scan", "dispatch")
 LOADERS = ("memory", "grain")
-GRAIN_THREADS = 2  # host threads reading batches ahead of the device step
-GRAIN_PREFETCH = 4  # batches read ahead (each already on the device)
+GRAIN_THREADS = min(8, os.cpu_count() or 1)  # host threads reading (and decoding) batches ahead of the step
+GRAIN_PREFETCH = max(4, GRAIN_THREADS)  # batches read ahead, each already on the device
 
 
 # ----------------------------------------------------------------------------------------------------------
