@@ -848,5 +848,6 @@ def register_methods() -> None:
             make_step,
             init_extra=init_extra,
             validate=lambda config: _async_options(config) and None,
+            eval_messages=lambda extra: vt.eval_messages(extra["vq"]) if "vq" in extra else None,
         )
     )

@@ -455,7 +455,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
         bar.close()
         metrics_file.close()
     if last_eval is None:
-        last_eval = trainer.evaluate(state.stages)
+        last_eval = trainer.evaluate(state.stages, extra=state.extra)
     summary = {
         "status": status,
         "epochs_completed": state.epoch,
@@ -505,7 +505,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, CheckpointError) as e:
         raise UsageError(str(e).splitlines()[0]) from None
     del jax
-    out = trainer.evaluate(tree["stages"])
+    out = trainer.evaluate(tree["stages"], extra=tree["extra"])
     print(f"{run}: checkpoint at epoch {meta['epoch']} step {meta['step']}, {trainer.num_test} eval examples")
     print(format_table(out["accuracy"], out["ensemble"], [s.layers for s in trainer.stages]))
     return 0

@@ -15,7 +15,7 @@ Typical use::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -157,20 +157,27 @@ def evaluate_batch(
     labels: jax.Array,
     weights: jax.Array | None = None,
     mask: jax.Array | None = None,
+    messages: Sequence[Callable[[jax.Array], jax.Array] | None] | None = None,
 ) -> EvalOutput:
     """Counts correct predictions of every head in one pass through the trunk (BatchNorm in eval mode).
 
     The ensemble predicts ``argmax_c sum_j w_j softmax(logits_j)_c`` over the stages that have a head
     (``weights``: ``[K]``, default :func:`ensemble_weights`). ``mask``: ``[batch]`` bool, False for padding
-    rows (a padded last batch): they count neither as correct nor in the loss.
+    rows (a padded last batch): they count neither as correct nor in the loss. ``messages``: K-1 optional
+    maps applied to stage j's output ``[batch, H, W, C]`` before stage j+1 reads it (e.g. VQ encode/decode,
+    as a deployed quantized pipeline would); None: the float features.
     """
     _check(stages, states)
     k = len(stages)
+    if messages is not None and len(messages) != k - 1:
+        raise ValueError(f"need one message map (or None) per boundary: {k - 1}, got {len(messages)}")
     weights = ensemble_weights(k) if weights is None else jnp.asarray(weights, jnp.float32)
     correct, losses, probs = [], [], 0.0
     for j, (stage, state) in enumerate(zip(stages, states, strict=True)):
         out = stage_apply(stage, state.params, state.batch_stats, x, train=False)
         x = out.features
+        if messages is not None and j < k - 1 and messages[j] is not None:
+            x = messages[j](x)
         if out.logits is None:
             correct.append(jnp.zeros((), jnp.int32))
             losses.append(jnp.zeros((), jnp.float32))

@@ -216,6 +216,9 @@ class Method:
     * ``phase_inputs(trainer, states, phase)``: an array replacing the training images during ``phase`` (the
       frozen features of sequential greedy), or ``None``.
     * ``validate(config)``: raise ``ValueError`` for bad ``method_options``.
+    * ``eval_messages(extra)``: K-1 optional maps applied to the messages between stages at evaluation
+      (:func:`dgl_jax.train.evaluate_batch`), e.g. VQ encode/decode with the codebooks held in ``extra``;
+      ``None``: float features.
     """
 
     name: str
@@ -226,6 +229,7 @@ class Method:
     num_phases: Callable[[int, TrainConfig], int] = _one_phase
     phase_inputs: Callable[[Trainer, list[StageState], int], jax.Array | None] | None = None
     validate: Callable[[TrainConfig], None] = _no_validation
+    eval_messages: Callable[[PyTree], Sequence[Callable[[jax.Array], jax.Array] | None] | None] = lambda extra: None
 
 
 METHODS: dict[str, Method] = {}
@@ -407,7 +411,7 @@ class Trainer:
         self._eval_data = self._pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
         self.num_test = len(self.data.test_labels)
         self._chunk_fns: dict[tuple[int, bool], Callable] = {}
-        self._eval_fn = jax.jit(functools.partial(_eval_all, self.stages))
+        self._eval_fn = jax.jit(functools.partial(_eval_all, self.stages, self.method.eval_messages))
         self._phase = None
         self._phase_x = None
         self._order = None
@@ -513,17 +517,18 @@ class Trainer:
         mask = (np.arange(n + pad) < n).reshape(-1, b)
         return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(mask)
 
-    def evaluate(self, states: list[StageState], images=None, labels=None) -> dict:
+    def evaluate(self, states: list[StageState], images=None, labels=None, extra: PyTree = None) -> dict:
         """Accuracy and mean loss of every head on the whole evaluation split (no example dropped: the last
         batch is padded and masked), plus the weighted ensemble: ``{'accuracy': [K], 'loss': [K],
-        'ensemble': float}`` (NaN for stages without head)."""
+        'ensemble': float}`` (NaN for stages without head). ``extra``: the method's state (e.g. the codebooks
+        that quantize messages between stages, see ``Method.eval_messages``); None: float messages."""
         if images is None:
             xs, ys, mask = self._eval_data
             n = self.num_test
         else:
             xs, ys, mask = self._pad_eval(np.asarray(images), np.asarray(labels), self.config.eval_batch_size)
             n = len(labels)
-        out = jax.device_get(self._eval_fn(states, xs, ys, mask))
+        out = jax.device_get(self._eval_fn(states, {} if extra is None else extra, xs, ys, mask))
         has = np.asarray(self.has_head)
         acc = np.where(has, np.asarray(out.per_head) / n, np.nan)
         loss = np.where(has, np.asarray(out.loss) / n, np.nan)
@@ -573,7 +578,7 @@ class Trainer:
             ev = None
             if step >= self.steps_per_epoch:
                 epoch, step = epoch + 1, 0
-                ev = self.evaluate(stages)
+                ev = self.evaluate(stages, extra=extra)
             new = RunState(stages, extra, state.key, epoch, step)
             yield Event(new, state.epoch, phase, steps, train, ev)
             state = new
@@ -646,13 +651,15 @@ def _run_chunk(step_fn, chunk, batch, steps_per_epoch, augment, states, extra, i
     return states, extra, metrics
 
 
-def _eval_all(stages, states, xs, ys, mask):
+def _eval_all(stages, eval_messages, states, extra, xs, ys, mask):
+    messages = eval_messages(extra) if extra else None
+
     def one(total, batch):
         x, y, m = batch
-        out = evaluate_batch(stages, states, x, y, mask=m)
+        out = evaluate_batch(stages, states, x, y, mask=m, messages=messages)
         return jax.tree.map(jnp.add, total, out), None
 
-    zero = jax.eval_shape(lambda: evaluate_batch(stages, states, xs[0], ys[0], mask=mask[0]))
+    zero = jax.eval_shape(lambda: evaluate_batch(stages, states, xs[0], ys[0], mask=mask[0], messages=messages))
     zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
     total, _ = jax.lax.scan(one, zero, (xs, ys, mask))
     return total

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 from dgl_jax import buffer, vq
 from dgl_jax.objective import stage_apply
 from dgl_jax.stage import Stage, StageState
-from dgl_jax.train import _check, stage_step
+from dgl_jax.train import _check, evaluate_batch, stage_step
 
 PyTree = Any
 INIT_METHODS = ("sample", "kmeans++")
@@ -263,15 +263,19 @@ def vq_evaluate_batch(
     """Correct-prediction counts ``[K]`` of every head (BatchNorm in eval mode), with each quantized
     boundary encoding/decoding with the receiver's codebook, as a deployed pipeline would."""
     plan = as_plan(configs, len(stages))
-    correct = []
-    for j, (stage, st) in enumerate(zip(stages, states, strict=True)):
-        out = stage_apply(stage, st.params, st.batch_stats, x, train=False)
-        x = out.features
-        correct.append(jnp.sum(jnp.argmax(out.logits, -1) == labels) if out.logits is not None else jnp.int32(0))
-        if j < len(stages) - 1 and plan[j] is not None:
-            shared = boundaries[j].sender._replace(codebook=boundaries[j].receiver)
-            x = vq.decode(shared, vq.encode(shared, x))
-    return jnp.stack(correct)
+    bounds = [b if c is not None else None for c, b in zip(plan, boundaries, strict=True)]
+    return evaluate_batch(stages, states, x, labels, messages=eval_messages(bounds)).per_head
+
+
+def eval_messages(boundaries: Sequence[Boundary | None]) -> list[Callable[[jax.Array], jax.Array] | None]:
+    """For :func:`dgl_jax.train.evaluate_batch`: per boundary, ``x -> decode(encode(x))`` with the receiver's
+    codebook (None for a float boundary)."""
+
+    def roundtrip(b: Boundary) -> Callable[[jax.Array], jax.Array]:
+        shared = b.sender._replace(codebook=b.receiver)
+        return lambda x: vq.decode(shared, vq.encode(shared, x))
+
+    return [None if b is None else roundtrip(b) for b in boundaries]
 
 
 def check_metrics(metrics: VQMetrics) -> None:

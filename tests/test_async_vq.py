@@ -10,7 +10,8 @@ from dgl_jax import asynchronous as A
 from dgl_jax import init_stage_states, make_optimizer, vq, with_optimizer
 from dgl_jax import vq_train as vt
 from dgl_jax.models import cifar_cnn
-from dgl_jax.train import stage_step
+from dgl_jax.objective import stage_apply
+from dgl_jax.train import evaluate_batch, stage_step
 
 B = 16
 CFG = vt.VQConfig(num_codes=16, code_dim=4)  # stage 0 sends [B, 8, 8, 8]: 2 groups of 4 channels
@@ -104,6 +105,17 @@ def test_async_method_with_codes_trains_and_logs_buffer_memory(model, data):
     fp32 = 3 * B * 8 * 8 * 8 * 4
     np.testing.assert_allclose(m["buffer_mib"], [0, (codes + book) / 2**20], rtol=1e-6)
     np.testing.assert_allclose(m["buffer_mib_fp32"], [0, fp32 / 2**20], rtol=1e-6)
+
+    # evaluation (Trainer.evaluate, `python -m dgl_jax eval`) goes through the receiver's codebook
+    out0 = stage_apply(stages[0], sts[0].params, sts[0].batch_stats, x, train=False)
+    shared = extra["vq"][0].sender._replace(codebook=extra["vq"][0].receiver)
+    decoded = vq.decode(shared, vq.encode(shared, out0.features))
+    assert not np.allclose(decoded, out0.features)  # a float pass would give other logits
+    out1 = stage_apply(stages[1], sts[1].params, sts[1].batch_stats, decoded, train=False)
+    expected = [jnp.sum(jnp.argmax(o.logits, -1) == y) for o in (out0, out1)]
+    got = evaluate_batch(stages, sts, x, y, messages=method.eval_messages(extra)).per_head
+    chex.assert_trees_all_equal(got, jnp.stack(expected))
+    assert method.eval_messages({k: v for k, v in extra.items() if k != "vq"}) is None  # float buffers
 
 
 def test_buffer_memory_is_the_arithmetic(model, data):
