@@ -23,7 +23,12 @@ def test_step_time_benchmark_tiny(tmp_path):
     assert saved["ratio_dgl_over_backprop"] == pytest.approx(result["ratio_dgl_over_backprop"])
     for m in ("dgl", "backprop"):
         assert saved[m]["repeats"] == 3 and saved[m]["median_s"] > 0
-        assert saved[m]["memory"]["peak_bytes"] > 0
+        mem = saved[m]["memory"]
+        assert mem["peak_bytes"] > 0 and mem["temp_bytes"] > 0
+        assert (
+            mem["footprint_bytes"]
+            == mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
+        )
     assert saved["machine"]["platform"] == "cpu"
 
 
