@@ -98,6 +98,7 @@ _FIELDS = [
     ("--chunk-steps", "chunk_steps", int, "optimizer steps per dispatch/log line (0: auto)"),
     ("--loop", "loop", str, "chunk execution: auto, scan, dispatch"),
     ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
+    ("--image-size", "image_size", int, "imagenet2012 (grain): S of the [S,S,3] images (resize to S*256/224, crop S)"),
 ]
 
 

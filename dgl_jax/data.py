@@ -5,7 +5,9 @@ IDX files, e.g. Debian's ``dataset-fashion-mnist``; else tfds) and the tfds data
 ``cifar100``, ``svhn_cropped``, ``imagenet2012`` read through ``tfds.data_source``, all behind
 :func:`load_dataset` (registry :data:`DATASETS`). :func:`augment_batch` is the on-device, PRNG-keyed
 random crop + flip. For streaming (``--loader grain``), :func:`load_train_source` gives the training split as a
-random-access source read on the host (:class:`ArraySource`, :class:`TfdsSource`) instead of arrays.
+random-access source read on the host (:class:`ArraySource`, :class:`TfdsSource`) instead of arrays; datasets
+whose images vary in size (:data:`RESIZED`: ``imagenet2012``) are resized on the host to ``[S, S, 3]``
+(:func:`resize_center_crop`) and their evaluation split is streamed as well.
 """
 
 from __future__ import annotations
@@ -218,15 +220,20 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> Dataset:
     random-access data source, for the trainer's in-memory loader (the whole set on the device, batches
     gathered inside jit); :func:`load_train_source` is the streaming counterpart.
     """
+    if name in RESIZED:
+        raise ValueError(memory_loader_error(name))
     tfds, builder, data_dir = _tfds_builder(name, data_dir)
-    if name == "imagenet2012":
-        raise NotImplementedError(
-            "imagenet2012 is prepared but does not fit dgl_jax's in-memory input pipeline (the trainer keeps "
-            "the whole training set on the device); a streaming pipeline is not implemented yet"
-        )
     train, test = (TfdsSource(name, s) for s in _tfds_sources(tfds, name, data_dir, ["train", "test"]))
     (xtr, ytr), (xte, yte) = (s.read(np.arange(len(s))) for s in (train, test))
     return Dataset(name, xtr, ytr, xte, yte, int(builder.info.features["label"].num_classes))
+
+
+def memory_loader_error(name: str) -> str:
+    """The one-line error for a dataset of :data:`RESIZED` asked of the in-memory loader."""
+    return (
+        f"dataset {name!r} does not fit the in-memory loader (images of varying sizes; even its evaluation split "
+        "is tens of GB as float32): pass --loader grain (TrainConfig(loader='grain')) to stream it from the host"
+    )
 
 
 def _tfds_sources(tfds: Any, name: str, data_dir: str, splits: list[str]) -> list[Any]:
@@ -278,13 +285,33 @@ class ArraySource:
         return self.images[indices], self.labels[indices]
 
 
+def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
+    """A uint8 image ``[H, W, 3]`` of any size as ``[size, size, 3]`` uint8: the shorter side is resized to
+    ``round(size * 256 / 224)`` (bilinear, antialiased: PIL), the longer one in proportion (truncated, as
+    torchvision's ``Resize``), then the centre ``size x size`` is cropped (offsets rounded, as torchvision's
+    ``CenterCrop``). At ``size=224``: resize to 256, crop 224, the usual ImageNet evaluation transform."""
+    from PIL import Image  # Pillow: installed with matplotlib
+
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"expected a uint8 image [H, W, 3], got {image.dtype} {image.shape}")
+    h, w = image.shape[:2]
+    short = round(size * 256 / 224)
+    nh, nw = (short, int(short * w / h)) if h <= w else (int(short * h / w), short)
+    if (nh, nw) != (h, w):
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
+    top, left = int(round((nh - size) / 2)), int(round((nw - size) / 2))
+    return image[top : top + size, left : left + size]
+
+
 class TfdsSource:
     """A tfds split read record by record from its random-access ``tfds.data_source`` (array_record, no
     TensorFlow), optionally restricted to ``indices`` (e.g. the training part of a validation split); images
-    are scaled with :func:`scale_tfds_images` as they are read."""
+    are scaled with :func:`scale_tfds_images` as they are read, after :func:`resize_center_crop` to
+    ``[image_size, image_size, 3]`` when ``image_size`` is given (datasets whose images vary in size)."""
 
-    def __init__(self, name: str, source: Any, indices: np.ndarray | None = None):
-        self.name, self.source = name, source
+    def __init__(self, name: str, source: Any, indices: np.ndarray | None = None, image_size: int | None = None):
+        self.name, self.source, self.image_size = name, source, image_size
         self.indices = np.arange(len(source)) if indices is None else np.asarray(indices)
         self._shape: tuple[int, int, int] | None = None
 
@@ -301,50 +328,68 @@ class TfdsSource:
         """Examples ``indices [k]`` (positions in this source): ``(images [k, H, W, C] float32, labels [k]
         int32)``."""
         records = [self.source[int(i)] for i in self.indices[np.asarray(indices)]]
-        images = np.stack([r["image"] for r in records])
+        if self.image_size is None:
+            images = np.stack([r["image"] for r in records])
+        else:
+            images = np.stack([resize_center_crop(r["image"], self.image_size) for r in records])
         return scale_tfds_images(self.name, images), np.asarray([r["label"] for r in records], np.int32)
 
 
 TrainSource = ArraySource | TfdsSource
-TFDS_STREAMED = ("mnist", "cifar10", "cifar100", "svhn_cropped")
+TFDS_STREAMED = ("mnist", "cifar10", "cifar100", "svhn_cropped", "imagenet2012")
+# Datasets whose images vary in size, with the default side S of the [S, S, 3] images they are resized to
+# (resize_center_crop); only the streaming loader reads them, evaluation split included
+RESIZED: dict[str, int] = {"imagenet2012": 224}
+# The evaluation split where it is not "test" (tfds's imagenet2012 test split has no labels)
+EVAL_SPLIT: dict[str, str] = {"imagenet2012": "validation"}
 
 
 def load_train_source(
-    name: str, data_dir: str | os.PathLike | None = None, validation: float = 0.0, seed: int = 0
-) -> tuple[TrainSource, Dataset]:
-    """The training split of dataset ``name`` as a source read on the host, and a :class:`Dataset` holding
-    the evaluation split in memory (its ``train_images`` are empty, ``[0, H, W, C]``).
+    name: str,
+    data_dir: str | os.PathLike | None = None,
+    validation: float = 0.0,
+    seed: int = 0,
+    image_size: int | None = None,
+) -> tuple[TrainSource, Dataset, TfdsSource | None]:
+    """``(train, evaluation, eval_source)``: the training split of dataset ``name`` as a source read on the
+    host; a :class:`Dataset` holding the evaluation split in memory (its ``train_images`` are empty,
+    ``[0, H, W, C]``); and ``None``, or, for the datasets of :data:`RESIZED`, the evaluation split as a
+    source too (then ``evaluation`` holds only the name, the class count and empty ``[0, S, S, 3]`` arrays).
 
-    tfds datasets (:data:`TFDS_STREAMED`) are never read whole: only the evaluation split (the test split, or
-    the ``validation`` part of train chosen as in :func:`load_dataset`) is loaded. Other datasets fit in
-    memory and are wrapped in an :class:`ArraySource`. ``imagenet2012`` raises ``NotImplementedError``:
-    its images have varying sizes and its evaluation split does not fit in memory either.
+    tfds datasets (:data:`TFDS_STREAMED`) are never read whole: at most the evaluation split (the test split,
+    :data:`EVAL_SPLIT`, or the ``validation`` part of train chosen as in :func:`load_dataset`) is loaded.
+    Other datasets fit in memory and are wrapped in an :class:`ArraySource`. Images of :data:`RESIZED`
+    datasets are read as ``[S, S, 3]`` with :func:`resize_center_crop`, ``S = image_size`` (default: the
+    dataset's entry); ``image_size`` given for any other dataset is a ``ValueError``.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASETS)}")
     if not 0.0 <= validation < 1.0:
         raise ValueError(f"validation fraction must be in [0, 1), got {validation}")
-    if name not in TFDS_STREAMED:
-        if name == "imagenet2012":
-            _tfds_builder(name, data_dir)  # missing data: the usual fast FileNotFoundError first
-            raise NotImplementedError(
-                "imagenet2012 is not supported by the streaming loader yet: its images need resizing to one "
-                "shape and its evaluation split needs streaming as well"
-            )
-        ds = load_dataset(name, data_dir, validation, seed)
-        return ArraySource(ds.train_images, ds.train_labels), ds._replace(
-            train_images=ds.train_images[:0], train_labels=ds.train_labels[:0]
+    if image_size is not None and (name not in RESIZED or not (isinstance(image_size, int) and image_size >= 1)):
+        raise ValueError(
+            f"image size {image_size!r} is not valid for {name!r}; expected none, or an integer >= 1 for the "
+            f"datasets whose images vary in size ({sorted(RESIZED)})"
         )
+    if name not in TFDS_STREAMED:
+        ds = load_dataset(name, data_dir, validation, seed)
+        empty = dict(train_images=ds.train_images[:0], train_labels=ds.train_labels[:0])
+        return ArraySource(ds.train_images, ds.train_labels), ds._replace(**empty), None
+    size = image_size or RESIZED.get(name)
     tfds, builder, data_dir = _tfds_builder(name, data_dir)
-    train_src, test_src = _tfds_sources(tfds, name, data_dir, ["train", "test"])
-    train, test = TfdsSource(name, train_src), TfdsSource(name, test_src)
+    train_src, test_src = _tfds_sources(tfds, name, data_dir, ["train", EVAL_SPLIT.get(name, "test")])
+    train, test = TfdsSource(name, train_src, image_size=size), TfdsSource(name, test_src, image_size=size)
     label = name
     if validation:
         val, keep = validation_indices(len(train), validation, seed)
-        train, test, label = TfdsSource(name, train_src, keep), TfdsSource(name, train_src, val), f"{name}[val]"
-    xte, yte = test.read(np.arange(len(test)))
+        train, test = TfdsSource(name, train_src, keep, size), TfdsSource(name, train_src, val, size)
+        label = f"{name}[val]"
     num_classes = int(builder.info.features["label"].num_classes)
-    return train, Dataset(label, xte[:0], yte[:0], xte, yte, num_classes)
+    if name in RESIZED:  # too large for memory: the evaluation split is streamed as well
+        x, y = np.zeros((0, size, size, 3), np.float32), np.zeros((0,), np.int32)
+        return train, Dataset(label, x, y, x, y, num_classes), test
+    xte, yte = test.read(np.arange(len(test)))
+    return train, Dataset(label, xte[:0], yte[:0], xte, yte, num_classes), None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -39,6 +39,7 @@ _IMAGENET = dict(
     epochs=50,
     batch_size=256,
     augment=True,
+    loader="grain",  # imagenet2012 is streamed (images resized on the host); the in-memory loader refuses it
 )
 
 PRESETS: dict[str, Preset] = {

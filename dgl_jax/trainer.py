@@ -38,6 +38,7 @@ import numpy as np
 
 from dgl_jax.data import (
     DATASETS,
+    RESIZED,
     ArraySource,
     Dataset,
     TrainSource,
@@ -45,6 +46,7 @@ from dgl_jax.data import (
     default_crop_padding,
     load_dataset,
     load_train_source,
+    memory_loader_error,
 )
 from dgl_jax.layers import HEADS
 from dgl_jax.models import MODELS, get_model
@@ -78,8 +80,11 @@ class TrainConfig:
     streams it from the host (a ``grain.MapDataset`` over the tfds data source or the in-memory arrays, read
     ahead on background threads, ``device_put``, augmented inside jit) for training sets that do not fit on
     the device. Both give bit-identical runs for the same seed. With ``grain`` the loop is one dispatch
-    per step (``loop`` ``auto``/``dispatch``), the evaluation split stays in memory, and sequential
-    greedy recomputes the frozen stages instead of caching their features."""
+    per step (``loop`` ``auto``/``dispatch``), the evaluation split stays in memory (streamed as well for
+    the datasets of ``dgl_jax.data.RESIZED``, which need ``grain``), and sequential greedy recomputes the
+    frozen stages instead of caching their features; ``image_size``: side S of the ``[S, S, 3]`` images of
+    the datasets whose images vary in size (``imagenet2012``: shorter side resized to ``round(S*256/224)``,
+    centre crop S, on the host; ``None``: the dataset's default, 224), an error for any other dataset."""
 
     method: str = "dgl"
     model: str = "small_cnn"
@@ -106,6 +111,7 @@ class TrainConfig:
     method_options: dict = dataclasses.field(default_factory=dict)
     model_options: dict = dataclasses.field(default_factory=dict)
     loader: str = "memory"
+    image_size: int | None = None
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -170,6 +176,12 @@ def validate_config(config: TrainConfig) -> None:
         bad("chunk steps", config.chunk_steps, "an integer >= 0 (0: automatic)")
     if config.loader not in LOADERS:
         bad("loader", config.loader, f"one of {list(LOADERS)}")
+    if config.loader == "memory" and config.dataset in RESIZED:
+        raise ValueError(memory_loader_error(config.dataset))
+    if config.image_size is not None and not (
+        config.dataset in RESIZED and isinstance(config.image_size, int) and config.image_size >= 1
+    ):
+        bad("image size", config.image_size, f"none, or an integer >= 1 for a dataset among {sorted(RESIZED)}")
     if config.loader == "grain" and config.loop == "scan":
         bad("loop", config.loop, "'auto' or 'dispatch' with loader 'grain' (one batch per step from the host)")
     if not 0 <= config.validation < 1:
@@ -352,11 +364,14 @@ class Trainer:
         self.log = log
         self.method = METHODS[config.method]
         self.source: TrainSource | None = None
+        self.eval_source: TrainSource | None = None  # the evaluation split, when it is streamed as well
         if config.loader == "grain":
             if dataset is not None:
                 self.data, self.source = dataset, ArraySource(dataset.train_images, dataset.train_labels)
             else:
-                self.source, self.data = load_train_source(config.dataset, config.data_dir, config.validation)
+                self.source, self.data, self.eval_source = load_train_source(
+                    config.dataset, config.data_dir, config.validation, image_size=config.image_size
+                )
             n = len(self.source)
         else:
             self.data = (
@@ -408,10 +423,14 @@ class Trainer:
             self.train_images = self.train_labels = None
             self._example = jnp.asarray(self.source.read(np.arange(1))[0])
         self._stream: tuple[int, int, Iterator] | None = None  # (epoch, next step, batch iterator) of grain
-        self._eval_data = self._pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
-        self.num_test = len(self.data.test_labels)
+        if self.eval_source is None:
+            self._eval_data = self._pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
+            self.num_test = len(self.data.test_labels)
+        else:
+            self._eval_data, self.num_test = None, len(self.eval_source)
         self._chunk_fns: dict[tuple[int, bool], Callable] = {}
         self._eval_fn = jax.jit(functools.partial(_eval_all, self.stages, self.method.eval_messages))
+        self._eval_batch_fn = jax.jit(functools.partial(_eval_batch, self.stages, self.method.eval_messages))
         self._phase = None
         self._phase_x = None
         self._order = None
@@ -517,18 +536,47 @@ class Trainer:
         mask = (np.arange(n + pad) < n).reshape(-1, b)
         return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(mask)
 
+    def _evaluate_streamed(self, states: list[StageState], extra: PyTree) -> PyTree:
+        """Sums of :func:`dgl_jax.train.evaluate_batch` over :attr:`eval_source`, read in batches of
+        ``min(eval_batch_size, num_test)`` (the last one zero-padded and masked) on ``GRAIN_THREADS``
+        background threads, ``GRAIN_PREFETCH`` batches ahead; one jitted call per batch ``[b, H, W, C]``."""
+        import grain  # lazy: only the streaming loader needs it
+
+        n, source = self.num_test, self.eval_source
+        b = min(self.config.eval_batch_size, n)
+
+        def read(i: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+            x, y = source.read(np.arange(i * b, min((i + 1) * b, n)))
+            pad = b - len(y)
+            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+            y = np.concatenate([y, np.zeros((pad,), y.dtype)])
+            return jax.device_put(x), jax.device_put(y), jax.device_put(np.arange(b) < b - pad)
+
+        ds = grain.MapDataset.range(-(-n // b)).map(read)
+        options = grain.ReadOptions(num_threads=GRAIN_THREADS, prefetch_buffer_size=GRAIN_PREFETCH)
+        total = None
+        for x, y, mask in ds.to_iter_dataset(options):
+            out = self._eval_batch_fn(states, extra, x, y, mask)
+            total = out if total is None else jax.tree.map(jnp.add, total, out)
+        return total
+
     def evaluate(self, states: list[StageState], images=None, labels=None, extra: PyTree = None) -> dict:
         """Accuracy and mean loss of every head on the whole evaluation split (no example dropped: the last
         batch is padded and masked), plus the weighted ensemble: ``{'accuracy': [K], 'loss': [K],
         'ensemble': float}`` (NaN for stages without head). ``extra``: the method's state (e.g. the codebooks
-        that quantize messages between stages, see ``Method.eval_messages``); None: float messages."""
-        if images is None:
-            xs, ys, mask = self._eval_data
-            n = self.num_test
+        that quantize messages between stages, see ``Method.eval_messages``); None: float messages. The
+        evaluation split is streamed from :attr:`eval_source` when there is one (``images`` None)."""
+        extra = {} if extra is None else extra
+        if images is None and self.eval_source is not None:
+            out, n = self._evaluate_streamed(states, extra), self.num_test
         else:
-            xs, ys, mask = self._pad_eval(np.asarray(images), np.asarray(labels), self.config.eval_batch_size)
-            n = len(labels)
-        out = jax.device_get(self._eval_fn(states, {} if extra is None else extra, xs, ys, mask))
+            if images is None:
+                (xs, ys, mask), n = self._eval_data, self.num_test
+            else:
+                xs, ys, mask = self._pad_eval(np.asarray(images), np.asarray(labels), self.config.eval_batch_size)
+                n = len(labels)
+            out = self._eval_fn(states, extra, xs, ys, mask)
+        out = jax.device_get(out)
         has = np.asarray(self.has_head)
         acc = np.where(has, np.asarray(out.per_head) / n, np.nan)
         loss = np.where(has, np.asarray(out.loss) / n, np.nan)
@@ -649,6 +697,11 @@ def _run_chunk(step_fn, chunk, batch, steps_per_epoch, augment, states, extra, i
 
     (states, extra), metrics = jax.lax.scan(body, (list(states), extra), jnp.arange(chunk))
     return states, extra, metrics
+
+
+def _eval_batch(stages, eval_messages, states, extra, x, y, mask):
+    """:func:`evaluate_batch` on one padded batch ``x: [b, H, W, C]``, ``y: [b]``, ``mask: [b]``."""
+    return evaluate_batch(stages, states, x, y, mask=mask, messages=eval_messages(extra) if extra else None)
 
 
 def _eval_all(stages, eval_messages, states, extra, xs, ys, mask):

@@ -91,10 +91,11 @@ def test_tfds_streams_under_mock_data():
         tfds.testing.mock_data(num_examples=12),
         mock.patch.object(tfds.core.DatasetBuilder, "is_prepared", return_value=True),
     ):
-        source, evaluation = load_train_source("cifar10", config.data_dir, validation=0.25)
+        source, evaluation, eval_source = load_train_source("cifar10", config.data_dir, validation=0.25)
         memory = load_dataset("cifar10", config.data_dir, validation=0.25)
         # the same validation split and normalisation as the in-memory path, read batch by batch
         assert len(source) == 9 and source.image_shape == (32, 32, 3) and evaluation.name == "cifar10[val]"
+        assert eval_source is None and evaluation.test_images.shape == (3, 32, 32, 3)  # fixed sizes: in memory
         idx = np.array([8, 0, 3])
         x, y = source.read(idx)
         np.testing.assert_array_equal(x, memory.train_images[idx])
