@@ -8,7 +8,7 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from dgl_jax.data import load_digits  # noqa: E402
+from dgl_jax.data import Dataset, load_digits  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -19,3 +19,19 @@ def digits():
 @pytest.fixture(scope="session")
 def key():
     return jax.random.key(0)
+
+
+@pytest.fixture(scope="session")
+def small(digits):
+    """600 digits for training, the 359 test digits for evaluation (fast epochs)."""
+    return Dataset("digits", digits.train_images[:600], digits.train_labels[:600], digits.test_images,
+                   digits.test_labels, 10)  # fmt: skip
+
+
+def run_until(trainer, state, stop_after_chunks=None):
+    """``state`` trained by ``trainer.fit`` to the end, or stopped after ``stop_after_chunks`` events."""
+    for i, ev in enumerate(trainer.fit(state)):
+        state = ev.state
+        if stop_after_chunks is not None and i + 1 == stop_after_chunks:
+            break
+    return state

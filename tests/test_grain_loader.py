@@ -11,9 +11,10 @@ from unittest import mock
 import chex
 import numpy as np
 import pytest
+from conftest import run_until
 
 from dgl_jax import cli
-from dgl_jax.data import ArraySource, Dataset, load_dataset, load_train_source
+from dgl_jax.data import ArraySource, load_dataset, load_train_source
 from dgl_jax.trainer import TrainConfig, Trainer
 
 # 600 training digits, batch 64: 9 steps per epoch in chunks of 4, 4 and 1 steps; a narrow 2-stage model: most
@@ -23,34 +24,20 @@ CONFIG = TrainConfig(split=2, epochs=1, chunk_steps=4, decay_epochs=None, augmen
 
 
 @pytest.fixture(scope="module")
-def small(digits):
-    return Dataset("digits", digits.train_images[:600], digits.train_labels[:600], digits.test_images,
-                   digits.test_labels, 10)  # fmt: skip
-
-
-def run(trainer, state, stop_after_chunks=None):
-    for i, ev in enumerate(trainer.fit(state)):
-        state = ev.state
-        if stop_after_chunks is not None and i + 1 == stop_after_chunks:
-            break
-    return state
-
-
-@pytest.fixture(scope="module")
 def grain_trainer(small):
     return Trainer(dataclasses.replace(CONFIG, loader="grain"), dataset=small, log=lambda s: None)
 
 
 @pytest.fixture(scope="module")
 def grain_straight(grain_trainer):
-    return run(grain_trainer, grain_trainer.init_state())
+    return run_until(grain_trainer, grain_trainer.init_state())
 
 
 def test_grain_equals_memory_bit_for_bit(small, grain_trainer, grain_straight):
     memory = Trainer(CONFIG, dataset=small, log=lambda s: None)
     memory._initial = grain_trainer.init_state()  # same model, seed and optimizer: skip a second init
     assert grain_trainer.train_images is None and memory.source is None  # grain never puts the split on device
-    straight = run(memory, memory.init_state())
+    straight = run_until(memory, memory.init_state())
     assert (straight.epoch, straight.step) == (grain_straight.epoch, grain_straight.step) == (1, 0)
     chex.assert_trees_all_equal(grain_straight.stages, straight.stages)
     # training moved the parameters (the comparison is not between two untouched initial states)
@@ -73,9 +60,9 @@ class RecordingSource(ArraySource):
 
 def test_grain_resume_mid_epoch_is_bit_identical(small, grain_trainer, grain_straight):
     grain_trainer.source = source = RecordingSource(small.train_images, small.train_labels)
-    stopped = run(grain_trainer, grain_trainer.init_state(), stop_after_chunks=1)
+    stopped = run_until(grain_trainer, grain_trainer.init_state(), stop_after_chunks=1)
     assert (stopped.epoch, stopped.step) == (0, 4)  # mid-epoch
-    resumed = run(grain_trainer, stopped)  # only epoch and step say where the data stream continues
+    resumed = run_until(grain_trainer, stopped)  # only epoch and step say where the data stream continues
     chex.assert_trees_all_equal(resumed.stages, grain_straight.stages)
     assert (resumed.epoch, resumed.step) == (1, 0)
     # batches were read ahead on background threads, never by the thread running the steps

@@ -7,9 +7,9 @@ import chex
 import jax
 import numpy as np
 import pytest
+from conftest import run_until
 
 from dgl_jax.checkpoint import Checkpointer, state_tree
-from dgl_jax.data import Dataset
 from dgl_jax.train import dgl_step, evaluate_batch
 from dgl_jax.trainer import (
     METHODS,
@@ -21,21 +21,6 @@ from dgl_jax.trainer import (
     config_to_dict,
     register_method,
 )
-
-
-@pytest.fixture(scope="module")
-def small(digits):
-    """600 digits for training, the 359 test digits for evaluation (fast epochs)."""
-    return Dataset("digits", digits.train_images[:600], digits.train_labels[:600], digits.test_images,
-                   digits.test_labels, 10)  # fmt: skip
-
-
-def run_until(trainer, state, stop_after_chunks=None):
-    for i, ev in enumerate(trainer.fit(state)):
-        state = ev.state
-        if stop_after_chunks is not None and i + 1 == stop_after_chunks:
-            break
-    return state
 
 
 def checkpoint_roundtrip(tmp_path, trainer, state):
