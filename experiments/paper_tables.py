@@ -219,15 +219,21 @@ def plot(name: str, result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, lx) = plt.subplots(1, 2, figsize=(11, 4))
     for label, r in result["runs"].items():
-        curve = [[a for a in epoch if a is not None][-1] for epoch in r["seeds"][0]["test_accuracy_per_epoch"]]
+        run = r["seeds"][0]
+        curve = [[a for a in epoch if a is not None][-1] for epoch in run["test_accuracy_per_epoch"]]
         ax.plot(range(1, len(curve) + 1), [100 * a for a in curve], marker="o", label=label)
-    ax.set_xlabel("epoch")
+        # training loss of the highest stage trained in that epoch (the last stage, but for sequential greedy)
+        loss = [next((v for v in reversed(epoch) if v is not None), np.nan) for epoch in run["train_loss_per_epoch"]]
+        lx.plot(range(1, len(loss) + 1), loss, marker="o", label=label)
     ax.set_ylabel("test accuracy of the last head (%)")
-    ax.set_title(f"{name} ({result['budget']}, {result['dataset']})")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    lx.set_ylabel("training loss (mean over the epoch)")
+    for a in (ax, lx):
+        a.set_xlabel("epoch")
+        a.grid(alpha=0.3)
+        a.legend()
+    fig.suptitle(f"{name} ({result['budget']}, {result['dataset']})")
     fig.tight_layout()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
     os.close(fd)
@@ -237,11 +243,13 @@ def plot(name: str, result: dict, path: Path) -> None:
 
 
 def render(json_path: str | os.PathLike) -> str:
-    """Rewrites the markdown table next to a results JSON (after a change of format); returns it."""
+    """Rewrites the markdown table and the plot next to a results JSON (after a change of format); returns the
+    markdown."""
     path = Path(json_path)
     result = json.loads(path.read_text())
     text = markdown(result["table"], TABLES[result["table"]], result)
     _atomic_write(path.with_suffix(".md"), text)
+    plot(result["table"], result, path.with_suffix(".png"))
     return text
 
 
