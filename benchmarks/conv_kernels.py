@@ -6,9 +6,13 @@
 
 For every 3x3 convolution of ``cnn4`` (input ``[batch, H, W, C_in]`` -> ``C_out``, 'SAME' padding, no bias)
 this times forward + backward (gradients of ``sum(y**2)`` w.r.t. input and kernel) in: XLA via ``jax.jit`` of
-``lax.conv_general_dilated`` (NHWC/HWIO, the layout dgl_jax uses, and NCHW), and PyTorch eager in NCHW and
-channels_last. All variants alternate within each repeat; medians go to JSON with the achieved GFLOP/s
-(3 x the forward MACs x 2 / time) and the XLA/PyTorch ratio per layer. Without torch only XLA is timed.
+``lax.conv_general_dilated`` with its own gradient (NHWC/HWIO and NCHW), of the same convolution written as
+im2col (patches ``[batch, H, W, 9 C_in]`` times a ``[9 C_in, C_out]`` matrix), of
+``dgl_jax.layers.conv_general_dilated`` (what the library's layers use: XLA's forward convolution, the input
+gradient as a convolution, the kernel gradient as 9 matmuls on CPU), and PyTorch eager in NCHW and
+channels_last. All variants alternate within each repeat; medians go to JSON with the achieved
+GFLOP/s (3 x the forward MACs x 2 / time) and the XLA/PyTorch ratio per layer. Without torch only XLA is
+timed.
 """
 
 from __future__ import annotations
@@ -22,17 +26,35 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from common import machine, summarize, time_call, write_json  # noqa: E402
 
+from dgl_jax.layers import conv_general_dilated  # noqa: E402
+
 # (H=W, C_in, C_out) of the convolutions of cnn4 (64-128-128-256, max-pool before layers 2 and 4) at 32x32x1
 CNN4_LAYERS = [(32, 1, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256)]
 
 
+def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
+    """3x3 'SAME' convolution as one matmul: ``x`` [batch, H, W, C_in], ``w`` [3, 3, C_in, C_out] ->
+    [batch, H, W, C_out] through patches [batch, H, W, 9 * C_in]."""
+    _, h, wd, _ = x.shape
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    patches = jnp.concatenate([xp[:, i : i + h, j : j + wd, :] for i in range(3) for j in range(3)], axis=-1)
+    return jnp.dot(patches, w.reshape(-1, w.shape[-1]))
+
+
 def jax_conv(batch: int, size: int, cin: int, cout: int, layout: str = "NHWC"):
-    """A jitted ``() -> (dx, dw)`` for one conv layer on fixed random data (``layout``: NHWC or NCHW)."""
-    shape = (batch, size, size, cin) if layout == "NHWC" else (batch, cin, size, size)
+    """A jitted ``() -> (dx, dw)`` for one conv layer on fixed random data (``layout``: NHWC, NCHW,
+    ``im2col``: NHWC written as patches times a matrix, or ``dgl_jax``: NHWC through
+    ``dgl_jax.layers.conv_general_dilated``, the library's convolution with its own gradient)."""
+    shape = (batch, cin, size, size) if layout == "NCHW" else (batch, size, size, cin)
     x = jax.random.normal(jax.random.key(0), shape)
     w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
 
     def loss(x, w):
+        if layout == "im2col":
+            return jnp.sum(im2col_conv3x3(x, w) ** 2)
+        if layout == "dgl_jax":
+            y = conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return jnp.sum(y**2)
         y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=(layout, "HWIO", layout))
         return jnp.sum(y**2)
 
@@ -90,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
         fns = {
             "xla_nhwc": jax_conv(args.batch, size, cin, cout),
             "xla_nchw": jax_conv(args.batch, size, cin, cout, "NCHW"),
+            "xla_im2col": jax_conv(args.batch, size, cin, cout, "im2col"),
+            "dgl_jax": jax_conv(args.batch, size, cin, cout, "dgl_jax"),
         }
         if have_torch:
             fns["torch_nchw"] = torch_conv(args.batch, size, cin, cout, channels_last=False)
@@ -108,6 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         if have_torch:
             best = min(entry["torch_nchw"]["median_s"], entry["torch_channels_last"]["median_s"])
             entry["xla_over_best_torch"] = entry["xla_nhwc"]["median_s"] / best
+            entry["dgl_jax_over_best_torch"] = entry["dgl_jax"]["median_s"] / best
         result["layers"].append(entry)
         line = f"{size}x{size} {cin:>3d}->{cout:<3d}: " + ", ".join(
             f"{k} {entry[k]['median_s'] * 1e3:.1f} ms ({entry[k]['gflop_per_s']:.0f} GFLOP/s)" for k in times
@@ -120,8 +145,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["total_median_s"] = total
     if have_torch:
-        result["total_xla_over_best_torch"] = total["xla_nhwc"] / min(total["torch_nchw"], total["torch_channels_last"])
+        best = min(total["torch_nchw"], total["torch_channels_last"])
+        result["total_xla_over_best_torch"] = total["xla_nhwc"] / best
+        result["total_dgl_jax_over_best_torch"] = total["dgl_jax"] / best
         print(f"all layers, XLA / best PyTorch layout: {result['total_xla_over_best_torch']:.3f}")
+        print(f"all layers, dgl_jax / best PyTorch layout: {result['total_dgl_jax_over_best_torch']:.3f}")
+    result["total_dgl_jax_over_xla"] = total["dgl_jax"] / total["xla_nhwc"]
+    print(f"all layers, dgl_jax / XLA: {result['total_dgl_jax_over_xla']:.3f}")
     write_json(args.out, result)
     return result
 

@@ -5,13 +5,16 @@
     python benchmarks/vs_pytorch.py --tiny
 
 Variants: PyTorch eager (NCHW), eager channels_last, ``torch.compile`` (one compiled function per stage
-update), and dgl_jax (jitted, states donated). Every repeat runs every variant once, alternating, so machine
-noise hits all alike; medians and quartiles go to JSON and the JAX/PyTorch ratios are printed last.
+update), dgl_jax (jitted, states donated), and dgl_jax with XLA's own convolution gradients
+(``jax_lax_grad_*``: the library before ``dgl_jax.layers.conv_general_dilated``). Every repeat runs every
+variant once, alternating, so machine noise hits all alike; medians and quartiles go to JSON and the
+JAX/PyTorch ratios are printed last.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import sys
@@ -132,16 +135,34 @@ def build_torch(args, method, channels_last, compiled):
 # ----------------------------------------------------------------------------------------------------------
 # JAX side
 # ----------------------------------------------------------------------------------------------------------
-def build_jax(args, method):
-    jitted, states, x, y = paper_step(
-        method, dtype=args.dtype, batch=args.batch, size=args.size, channels=args.channels
-    )
-    holder = {"states": states}
+@contextlib.contextmanager
+def lax_conv_gradients():
+    """Within: the zoo's convolutions are plain ``flax.linen.Conv`` (XLA's own convolution gradients), i.e.
+    dgl_jax before ``dgl_jax.layers.conv_general_dilated``; for the A/B comparison only."""
+    import flax.linen as nn
 
-    def step():
-        holder["states"], metrics = jitted(holder["states"], x, y)
-        return metrics
+    from dgl_jax import layers, models
 
+    saved = layers.Conv, models.Conv
+    layers.Conv = models.Conv = nn.Conv
+    try:
+        yield
+    finally:
+        layers.Conv, models.Conv = saved
+
+
+def build_jax(args, method, lax_grad=False):
+    with lax_conv_gradients() if lax_grad else contextlib.nullcontext():
+        jitted, states, x, y = paper_step(
+            method, dtype=args.dtype, batch=args.batch, size=args.size, channels=args.channels
+        )
+        holder = {"states": states}
+
+        def step():
+            holder["states"], metrics = jitted(holder["states"], x, y)
+            return metrics
+
+        time_call(step)  # traced and compiled here, inside the context
     return step
 
 
@@ -169,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_compile:
             variants[f"torch_compile_{method}"] = build_torch(args, method, False, True)
         variants[f"jax_{method}"] = build_jax(args, method)
+        variants[f"jax_lax_grad_{method}"] = build_jax(args, method, lax_grad=True)
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.repeats):
         for name, fn in variants.items():
@@ -187,6 +209,7 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in result["variants"].items():
             if k.startswith("torch") and k.endswith(method):
                 ratios[f"jax_over_{k}"] = jax_t / v["median_s"]
+        ratios[f"jax_over_jax_lax_grad_{method}"] = jax_t / result["variants"][f"jax_lax_grad_{method}"]["median_s"]
         best = min(v["median_s"] for k, v in result["variants"].items() if k.startswith("torch") and k.endswith(method))
         ratios[f"jax_over_best_torch_{method}"] = jax_t / best
     result["ratios"] = ratios

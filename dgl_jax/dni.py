@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dgl_jax.layers import Conv
 from dgl_jax.objective import accuracy, cross_entropy, message_specs
 from dgl_jax.stage import Stage, StageState, drop_aux_heads, init_stage_states
 
@@ -42,8 +43,8 @@ class Synthesizer(nn.Module):
             x = jnp.concatenate([x, jnp.broadcast_to(onehot, (*x.shape[:3], self.num_classes))], axis=-1)
         k = (self.kernel, self.kernel)
         for _ in range(self.depth - 1):
-            x = nn.relu(nn.Conv(self.width, k, padding=self.kernel // 2)(x))
-        return nn.Conv(h.shape[-1], k, padding=self.kernel // 2, kernel_init=nn.initializers.zeros)(x)
+            x = nn.relu(Conv(self.width, k, padding=self.kernel // 2)(x))
+        return Conv(h.shape[-1], k, padding=self.kernel // 2, kernel_init=nn.initializers.zeros)(x)
 
 
 def synthesizer_stages(

@@ -95,6 +95,101 @@ def downsample(x: jax.Array, kind: str | None, window: int = 2, stride: int | No
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Convolution with a CPU-friendly kernel gradient
+# ----------------------------------------------------------------------------------------------------------
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _kernel_grad_dots(x: jax.Array, dy: jax.Array, kernel: tuple[int, int], padding) -> jax.Array:
+    """Kernel gradient ``[kh, kw, C_in, C_out]`` of a unit-stride NHWC convolution as ``kh * kw`` matmuls
+    ``[C_in, B*Ho*Wo] @ [B*Ho*Wo, C_out]`` (one per kernel tap, float32 accumulation)."""
+    kh, kw = kernel
+    _, ho, wo, d = dy.shape
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    dyf = dy.reshape(-1, d)
+    taps = [
+        jnp.dot(xp[:, i : i + ho, j : j + wo, :].reshape(dyf.shape[0], -1).T, dyf, preferred_element_type=jnp.float32)
+        for i in range(kh)
+        for j in range(kw)
+    ]
+    return jnp.stack(taps).reshape(kh, kw, x.shape[-1], d)
+
+
+def _conv(x: jax.Array, w: jax.Array, padding) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _conv_nhwc(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    return _conv(x, w, padding)
+
+
+def _conv_nhwc_fwd(x, w, padding):
+    return _conv(x, w, padding), (x, w)
+
+
+def _conv_nhwc_bwd(padding, res, dy):
+    x, w = res
+    kh, kw = w.shape[:2]
+    # input gradient: the same kind of convolution as the forward one (flipped kernel, in/out swapped)
+    dx_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]), (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
+    dx = _conv(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), dx_pad)
+    # kernel gradient: XLA:CPU's batch-contracting convolution runs at a fraction of its forward speed
+    # (benchmarks/conv_kernels.py); on CPU it is computed as one matmul per kernel tap instead
+    dw = jax.lax.platform_dependent(
+        x,
+        dy,
+        cpu=lambda x, dy: _kernel_grad_dots(x, dy, (kh, kw), padding).astype(w.dtype),
+        default=lambda x, dy: jax.vjp(lambda w: _conv(x, w, padding), w)[1](dy)[0],
+    )
+    return dx, dw
+
+
+_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
+
+
+def conv_general_dilated(
+    lhs: jax.Array,
+    rhs: jax.Array,
+    window_strides: Sequence[int],
+    padding: str | Sequence[tuple[int, int]],
+    lhs_dilation: Sequence[int] | None = None,
+    rhs_dilation: Sequence[int] | None = None,
+    dimension_numbers: Any = None,
+    feature_group_count: int = 1,
+    precision: Any = None,
+    **kwargs: Any,
+) -> jax.Array:
+    """``jax.lax.conv_general_dilated`` with the same values and a faster gradient on CPU.
+
+    For the 2-D, unit-stride, undilated, ungrouped ``[batch, H, W, C_in] x [kh, kw, C_in, C_out]`` case
+    with ``0 <= padding <= k - 1`` (every conv of the zoo's trunks that is wider than 1x1 and not strided),
+    the input gradient is a plain convolution and, on CPU, the kernel gradient is ``kh * kw`` matmuls;
+    other backends and every other case use ``lax.conv_general_dilated`` and its own gradient.
+    """
+    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
+    fallback = lambda: jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)  # noqa: E731
+    if lhs.ndim != 4 or kwargs or precision is not None or feature_group_count != 1:
+        return fallback()
+    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+    kernel = rhs.shape[:2]
+    if dn != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC) or tuple(window_strides) != (1, 1) or kernel == (1, 1):
+        return fallback()
+    if any(tuple(d or (1, 1)) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
+        return fallback()
+    if isinstance(padding, str):
+        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], kernel, (1, 1), padding)
+    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+    if not all(0 <= p <= k - 1 for (lo, hi), k in zip(pads, kernel, strict=True) for p in (lo, hi)):
+        return fallback()
+    return _conv_nhwc(lhs, rhs, pads)
+
+
+Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
+"""``flax.linen.Conv`` computing through :func:`conv_general_dilated` (same parameters, same values)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Trunk units
 # ----------------------------------------------------------------------------------------------------------
 class ConvBNReLU(nn.Module):
@@ -116,7 +211,7 @@ class ConvBNReLU(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         x = downsample(x, self.pre)
         stride = 2 if self.pre == "stride" else 1
-        x = nn.Conv(
+        x = Conv(
             self.features,
             (self.kernel, self.kernel),
             strides=stride,
@@ -194,7 +289,7 @@ class MLPSRHead(nn.Module):
         x = adaptive_avg_pool(x, (math.ceil(h / 4), math.ceil(w / 4)))
         width = self.width or c
         for _ in range(self.depth):
-            x = nn.Conv(width, (1, 1), use_bias=False, dtype=self.dtype)(x)
+            x = Conv(width, (1, 1), use_bias=False, dtype=self.dtype)(x)
             x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
             x = nn.relu(x)
         x = adaptive_avg_pool(x, 2).reshape(x.shape[0], -1)
@@ -216,7 +311,7 @@ class CNNHead(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         width = self.width or x.shape[-1]
         for _ in range(self.depth):
-            x = nn.Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
+            x = Conv(width, (3, 3), padding=1, use_bias=False, dtype=self.dtype)(x)
             x = BatchNorm(use_running_average=not train, dtype=self.dtype)(x)
             x = nn.relu(x)
         x = adaptive_avg_pool(x, 2)
@@ -260,7 +355,7 @@ class DNIHead(nn.Module):
         for i in range(self.depth):
             last = i == self.depth - 1
             init = nn.initializers.zeros if last else nn.linear.default_kernel_init
-            x = nn.Conv(self.width, (5, 5), padding=2, kernel_init=init, dtype=self.dtype)(x)
+            x = Conv(self.width, (5, 5), padding=2, kernel_init=init, dtype=self.dtype)(x)
             if not last:
                 x = nn.relu(x)
         return _classifier(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)

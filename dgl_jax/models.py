@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from dgl_jax.layers import (
     BatchNorm,
+    Conv,
     ConvBNReLU,
     GAPLinearHead,
     LinearHead,
@@ -266,7 +267,7 @@ class BasicBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = lambda f, k, s: nn.Conv(f, (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype)  # noqa: E731
+        conv = lambda f, k, s: Conv(f, (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype)  # noqa: E731
         bn = lambda: BatchNorm(use_running_average=not train, dtype=self.dtype)  # noqa: E731
         y = nn.relu(bn()(conv(self.features, 3, self.stride)(x)))
         y = bn()(conv(self.features, 3, 1)(y))
@@ -290,7 +291,7 @@ class Bottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        conv = lambda f, k, s: nn.Conv(f, (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype)  # noqa: E731
+        conv = lambda f, k, s: Conv(f, (k, k), s, padding=k // 2, use_bias=False, dtype=self.dtype)  # noqa: E731
         bn = lambda: BatchNorm(use_running_average=not train, dtype=self.dtype)  # noqa: E731
         y = nn.relu(bn()(conv(self.features, 1, 1)(x)))
         y = nn.relu(bn()(conv(self.features, 3, self.stride)(y)))
@@ -308,7 +309,7 @@ class ImageNetStem(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        x = nn.Conv(64, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype)(x)
+        x = Conv(64, (7, 7), 2, padding=3, use_bias=False, dtype=self.dtype)(x)
         x = nn.relu(BatchNorm(use_running_average=not train, dtype=self.dtype)(x))
         return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
 

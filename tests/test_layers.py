@@ -81,3 +81,64 @@ def test_mlp_sr_widths_follow_paper():
     chex.assert_shape(p["Conv_0"]["kernel"], (1, 1, 32, 32))
     chex.assert_shape(p["Dense_0"]["kernel"], (4 * 32, 4 * 32))
     chex.assert_shape(p["Dense_3"]["kernel"], (4 * 32, 10))
+
+
+CONV_CASES = [  # x shape, kernel shape, padding
+    ((2, 6, 6, 3), (3, 3, 3, 4), ((1, 1), (1, 1))),
+    ((2, 7, 5, 4), (5, 5, 4, 3), ((2, 2), (2, 2))),
+    ((1, 6, 6, 2), (3, 3, 2, 5), ((0, 2), (1, 0))),
+    ((2, 6, 6, 3), (3, 3, 3, 4), "SAME"),
+    ((2, 6, 6, 3), (3, 3, 3, 4), "VALID"),
+]
+
+
+@pytest.mark.parametrize("xs, ws, padding", CONV_CASES)
+def test_conv_general_dilated_equals_lax_values_and_gradients(xs, ws, padding):
+    x = jax.random.normal(jax.random.key(0), xs)
+    w = jax.random.normal(jax.random.key(1), ws)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(conv, x, w):
+        y = conv(x, w, (1, 1), padding, dimension_numbers=dn)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y), grads = jax.jit(
+        jax.value_and_grad(lambda x, w: loss(layers.conv_general_dilated, x, w), (0, 1), has_aux=True)
+    )(x, w)
+    (_, y_ref), grads_ref = jax.value_and_grad(
+        lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1), has_aux=True
+    )(x, w)
+    chex.assert_trees_all_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_general_dilated_under_vmap_and_bfloat16():
+    x = jax.random.normal(jax.random.key(0), (3, 2, 6, 6, 4))
+    w = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 8))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def grads(conv, x, w):
+        return jax.grad(lambda x, w: jnp.sum(conv(x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2), (0, 1))(x, w)
+
+    batched = jax.jit(jax.vmap(lambda x, w: grads(layers.conv_general_dilated, x, w)))(x, w)
+    chex.assert_trees_all_close(
+        batched, jax.vmap(lambda x, w: grads(jax.lax.conv_general_dilated, x, w))(x, w), rtol=1e-5, atol=1e-4
+    )
+    xb, wb = x[0].astype(jnp.bfloat16), w[0].astype(jnp.bfloat16)
+    gb = grads(layers.conv_general_dilated, xb, wb)
+    chex.assert_trees_all_equal_dtypes(gb, (xb, wb))
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda a: a.astype(jnp.float32), gb),
+        grads(jax.lax.conv_general_dilated, x[0], w[0]),
+        rtol=0.05,
+        atol=0.5,
+    )
+
+
+def test_conv_module_has_flax_conv_parameters():
+    x = jnp.ones((1, 5, 5, 3))
+    ours = layers.Conv(4, (3, 3), padding=1).init(jax.random.key(0), x)
+    theirs = layers.nn.Conv(4, (3, 3), padding=1).init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(ours, theirs)
+    y = layers.Conv(4, (3, 3), strides=2, padding=1).apply(ours, x)  # strided: lax's own path
+    chex.assert_shape(y, (1, 3, 3, 4))
