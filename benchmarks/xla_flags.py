@@ -34,7 +34,13 @@ def worker(args: argparse.Namespace) -> None:
     from common import paper_step, time_call
 
     step, states, x, y = paper_step(
-        args.method, dtype=args.dtype, batch=args.batch, size=args.size, channels=args.channels
+        args.method,
+        model=args.model,
+        split=args.split,
+        dtype=args.dtype,
+        batch=args.batch,
+        size=args.size,
+        channels=args.channels,
     )
     holder = {"s": states}
 
@@ -49,6 +55,8 @@ def worker(args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", default="dgl", choices=["dgl", "backprop"])
+    p.add_argument("--model", default="cnn4")
+    p.add_argument("--split", type=int, default=4)
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--size", type=int, default=32)
     p.add_argument("--channels", type=int, default=1)
@@ -62,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--dtype", default="float32", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.tiny:
-        args.batch, args.size, args.steps, args.warmup, args.rounds = 4, 8, 2, 1, 1
+        args.model, args.split, args.batch, args.size = "small_cnn", 3, 4, 8
+        args.steps, args.warmup, args.rounds = 2, 1, 1
     if args.worker:
         return worker(args)
     names = args.configs.split(",")
@@ -76,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             flags, dtype = CONFIGS[name]
             env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
             cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--method", args.method]
+            cmd += ["--model", args.model, "--split", str(args.split)]
             cmd += ["--batch", str(args.batch), "--size", str(args.size), "--channels", str(args.channels)]
             cmd += ["--steps", str(args.steps), "--warmup", str(args.warmup)]
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)

@@ -104,6 +104,7 @@ TABLES: dict[str, Table] = {
         paper={},
         note="paper: CIFAR-10, 6-layer net 128-256-256-512-512-512; the mlp-sr head is the default because it "
         "costs a few percent of the trunk while the cnn head costs more than the trunk",
+        tiny=dict(split=3),  # 3 stages of 2 layers: the same code path, half the programs to compile
     ),
     "num_stages": Table(
         preset="aux_head_study",

@@ -35,3 +35,22 @@ def run_until(trainer, state, stop_after_chunks=None):
         if stop_after_chunks is not None and i + 1 == stop_after_chunks:
             break
     return state
+
+
+def _share_compiled_programs() -> None:
+    """One persistent XLA compilation cache for the whole session (a fresh temporary folder): tests that build
+    the same program (same model, shapes and recipe) compile it once. The command line's default cache
+    (``DGL_JAX_CACHE_DIR``) points there too, so no test writes to ``~/.cache``."""
+    import atexit
+    import shutil
+    import tempfile
+
+    path = tempfile.mkdtemp(prefix="dgl_jax_test_cache_")
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    os.environ["DGL_JAX_CACHE_DIR"] = path
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+_share_compiled_programs()

@@ -39,29 +39,29 @@ def test_no_gradient_crosses_a_stage():
     stages, states = build()
     params = [s.params for s in states]
     stats = [s.batch_stats for s in states]
-    for j in range(len(stages)):
 
-        def loss_j(params, j=j):
-            return greedy_loss(stages, params, stats, X, Y)[1][j][0]
+    def losses(params):  # [K]: every stage's own loss
+        return jnp.stack([out[0] for out in greedy_loss(stages, params, stats, X, Y)[1]])
 
-        grads = jax.grad(loss_j)(params)
-        for i, g in enumerate(grads):
-            norms = [float(jnp.abs(x).max()) for x in jax.tree.leaves(g)]
+    jac = jax.jit(jax.jacrev(losses))(params)  # per stage i, leaves [K, *param_shape]: d loss_j / d params_i
+    for i, g in enumerate(jac):
+        norms = np.max(np.stack([np.abs(np.asarray(x)).reshape(len(stages), -1).max(1) for x in jax.tree.leaves(g)]), 0)
+        for j in range(len(stages)):
             if i == j:
-                assert max(norms) > 0, f"stage {j} gets no gradient from its own loss"
+                assert norms[j] > 0, f"stage {j} gets no gradient from its own loss"
             else:
-                assert max(norms) == 0.0, f"stage {j}'s loss reaches stage {i}'s params"
+                assert norms[j] == 0.0, f"stage {j}'s loss reaches stage {i}'s params"
 
 
 def test_greedy_loss_gradient_is_the_list_of_local_gradients():
     stages, states = build()
     params = [s.params for s in states]
     stats = [s.batch_stats for s in states]
-    total_grads = jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0])(params)
+    total_grads = jax.jit(jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0]))(params)
     x = X
     for j, stage in enumerate(stages):
-        g = jax.grad(lambda p, x=x, stage=stage, j=j: stage_loss(stage, p, stats[j], x, Y)[0])(params[j])
-        chex.assert_trees_all_close(total_grads[j], g, rtol=1e-6, atol=1e-7)
+        g = jax.jit(jax.grad(lambda p, x=x, stage=stage, j=j: stage_loss(stage, p, stats[j], x, Y)[0]))(params[j])
+        chex.assert_trees_all_close(total_grads[j], g, rtol=1e-5, atol=1e-6)  # two programs: float reassociation
         x = stage_apply(stage, params[j], stats[j], x).features
 
 
@@ -152,10 +152,11 @@ def test_bfloat16_compute_keeps_float32_params():
 
 
 def test_same_seed_same_result_bit_for_bit():
+    stages, _ = build(key=3)
+    step = jax.jit(functools.partial(dgl_step, stages))
     runs = []
-    for _ in range(2):
-        stages, states = build(key=3)
-        step = jax.jit(functools.partial(dgl_step, stages))
+    for _ in range(2):  # two independent initialisations and runs from the same seed
+        _, states = build(key=3)
         for _ in range(3):
             states, _ = step(states, X, Y)
         runs.append(states)
