@@ -173,7 +173,8 @@ def conv_general_dilated(
         return fallback()
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     kernel = rhs.shape[:2]
-    if dn != jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC) or tuple(window_strides) != (1, 1) or kernel == (1, 1):
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+    if dn != nhwc or tuple(window_strides) != (1, 1) or kernel == (1, 1):
         return fallback()
     if any(tuple(d or (1, 1)) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
         return fallback()
