@@ -10,9 +10,9 @@ this times forward + backward (gradients of ``sum(y**2)`` w.r.t. input and kerne
 im2col (patches ``[batch, H, W, 9 C_in]`` times a ``[9 C_in, C_out]`` matrix), of
 ``dgl_jax.layers.conv_general_dilated`` (what the library's layers use: XLA's forward convolution, the input
 gradient as a convolution, the kernel gradient as 9 matmuls on CPU), and PyTorch eager in NCHW and
-channels_last. All variants alternate within each repeat; medians go to JSON with the achieved
-GFLOP/s (3 x the forward MACs x 2 / time) and the XLA/PyTorch ratio per layer. Without torch only XLA is
-timed.
+channels_last; plus XLA's forward, input-gradient and kernel-gradient convolutions timed alone. All variants
+alternate within each repeat; medians go to JSON with the achieved GFLOP/s (3 x the forward MACs x 2 / time,
+one third of that for a part timed alone) and the XLA/PyTorch ratio per layer. Without torch only XLA is timed.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dgl_jax.layers import conv_general_dilated  # noqa: E402
 
 # (H=W, C_in, C_out) of the convolutions of cnn4 (64-128-128-256, max-pool before layers 2 and 4) at 32x32x1
 CNN4_LAYERS = [(32, 1, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256)]
+XLA_PARTS = ("forward", "input_grad", "kernel_grad")  # xla_nhwc's three convolutions, timed one by one
 
 
 def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -61,6 +62,26 @@ def jax_conv(batch: int, size: int, cin: int, cout: int, layout: str = "NHWC"):
     grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
     jax.block_until_ready(grad(x, w))
     return lambda: grad(x, w)
+
+
+def xla_part(batch: int, size: int, cin: int, cout: int, part: str):
+    """A jitted call of one part of XLA's own NHWC convolution and its gradient (``part``: ``forward``,
+    ``input_grad`` or ``kernel_grad``, each the single convolution XLA runs for it) on fixed random data."""
+    x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
+    w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
+    dy = jax.random.normal(jax.random.key(2), (batch, size, size, cout))
+
+    def conv(x, w):
+        return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+    fn = {
+        "forward": lambda x, w, dy: conv(x, w),
+        "input_grad": lambda x, w, dy: jax.vjp(lambda x: conv(x, w), x)[1](dy)[0],
+        "kernel_grad": lambda x, w, dy: jax.vjp(lambda w: conv(x, w), w)[1](dy)[0],
+    }[part]
+    jitted = jax.jit(fn)
+    jax.block_until_ready(jitted(x, w, dy))
+    return lambda: jitted(x, w, dy)
 
 
 def torch_conv(batch: int, size: int, cin: int, cout: int, channels_last: bool):
@@ -114,6 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
             "xla_nchw": jax_conv(args.batch, size, cin, cout, "NCHW"),
             "xla_im2col": jax_conv(args.batch, size, cin, cout, "im2col"),
             "dgl_jax": jax_conv(args.batch, size, cin, cout, "dgl_jax"),
+            **{f"xla_{part}": xla_part(args.batch, size, cin, cout, part) for part in XLA_PARTS},
         }
         if have_torch:
             fns["torch_nchw"] = torch_conv(args.batch, size, cin, cout, channels_last=False)
@@ -128,7 +150,8 @@ def main(argv: list[str] | None = None) -> dict:
         entry = {"shape": {"H": size, "W": size, "C_in": cin, "C_out": cout}, "gflop": flops / 1e9}
         for k, ts in times.items():
             s = summarize(ts)
-            entry[k] = {**s, "gflop_per_s": flops / 1e9 / s["median_s"]}
+            part_flops = flops / 3 if k.removeprefix("xla_") in XLA_PARTS else flops
+            entry[k] = {**s, "gflop_per_s": part_flops / 1e9 / s["median_s"]}
         if have_torch:
             best = min(entry["torch_nchw"]["median_s"], entry["torch_channels_last"]["median_s"])
             entry["xla_over_best_torch"] = entry["xla_nhwc"]["median_s"] / best
