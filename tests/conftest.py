@@ -45,12 +45,12 @@ def _share_compiled_programs() -> None:
     import shutil
     import tempfile
 
+    from dgl_jax.cli import setup_compilation_cache
+
     path = tempfile.mkdtemp(prefix="dgl_jax_test_cache_")
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     os.environ["DGL_JAX_CACHE_DIR"] = path
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    setup_compilation_cache(path)
 
 
 _share_compiled_programs()

@@ -57,11 +57,11 @@ def test_greedy_loss_gradient_is_the_list_of_local_gradients():
     stages, states = build()
     params = [s.params for s in states]
     stats = [s.batch_stats for s in states]
-    total_grads = jax.jit(jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0]))(params)
+    total_grads = jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0])(params)
     x = X
     for j, stage in enumerate(stages):
-        g = jax.jit(jax.grad(lambda p, x=x, stage=stage, j=j: stage_loss(stage, p, stats[j], x, Y)[0]))(params[j])
-        chex.assert_trees_all_close(total_grads[j], g, rtol=1e-5, atol=1e-6)  # two programs: float reassociation
+        g = jax.grad(lambda p, x=x, stage=stage, j=j: stage_loss(stage, p, stats[j], x, Y)[0])(params[j])
+        chex.assert_trees_all_close(total_grads[j], g, rtol=1e-6, atol=1e-7)
         x = stage_apply(stage, params[j], stats[j], x).features
 
 
