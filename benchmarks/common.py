@@ -66,7 +66,7 @@ def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def paper_step(
+def paper_stages(
     method: str,
     *,
     model: str = "cnn4",
@@ -77,14 +77,20 @@ def paper_step(
     size: int = 32,
     channels: int = 3,
 ):
-    """The jitted ``dgl_step`` or ``backprop_step`` (states donated) of a zoo model with the paper's SGD
-    recipe, its initial states and a random batch: ``(step, states, x, y)``."""
+    """The stages of a zoo model for ``method`` (``dgl``: auxiliary heads; ``backprop``: last head only) with
+    the paper's SGD recipe, their initial states and a random batch: ``(stages, states, x, y)``."""
     stages = get_model(model, split=split, head=head, dtype=jnp.dtype(dtype))
     if method == "backprop":
         stages = drop_aux_heads(stages)
     stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4))
     x = jax.random.normal(jax.random.key(1), (batch, size, size, channels))
     y = jax.random.randint(jax.random.key(2), (batch,), 0, 10)
-    states = init_stage_states(stages, jax.random.key(0), x)
+    return stages, init_stage_states(stages, jax.random.key(0), x), x, y
+
+
+def paper_step(method: str, **kwargs: Any):
+    """The jitted ``dgl_step`` or ``backprop_step`` (states donated) of :func:`paper_stages`'s model, its
+    initial states and a random batch: ``(step, states, x, y)``."""
+    stages, states, x, y = paper_stages(method, **kwargs)
     fn = {"dgl": dgl_step, "backprop": backprop_step}[method]
     return jax.jit(functools.partial(fn, stages), donate_argnums=0), states, x, y

@@ -71,7 +71,9 @@ def torch_model(widths, downsample_at, in_ch, num_classes, last_head_depth):
     return conv_unit, MLPSR, MLPHead
 
 
-def build_torch(args, method, channels_last, compiled):
+def torch_stages(args, method, channels_last):
+    """The PyTorch stages (``ModuleDict`` of block ``b`` and head ``h``; backprop: last head only), one SGD
+    optimizer per stage, and a random batch ``(x, y)`` in the chosen memory format."""
     import torch
 
     torch.manual_seed(0)
@@ -92,6 +94,13 @@ def build_torch(args, method, channels_last, compiled):
     opts = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4) for m in mods]
     x = torch.randn(args.batch, args.channels, args.size, args.size).to(memory_format=fmt)
     y = torch.randint(0, 10, (args.batch,))
+    return mods, opts, x, y
+
+
+def build_torch(args, method, channels_last, compiled):
+    import torch
+
+    mods, opts, x, y = torch_stages(args, method, channels_last)
     ce = torch.nn.functional.cross_entropy
 
     if method == "dgl":

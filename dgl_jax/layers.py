@@ -48,18 +48,31 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | tuple[int, int]) -> jax.A
     """Torch-style adaptive average pooling of ``x: [batch, H, W, C]`` to ``[batch, oh, ow, C]``.
 
     Matches ``torch.nn.AdaptiveAvgPool2d`` including the overlapping bins used when the sizes do not divide
-    (e.g. 7 -> 2 averages rows 0..3 and 3..6). When they divide it is a plain ``avg_pool``.
+    (e.g. 7 -> 2 averages rows 0..3 and 3..6). When they divide it is a plain non-overlapping average pool.
     """
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
     _, h, w, _ = x.shape
     if (h, w) == (oh, ow):
         return x
     if h % oh == 0 and w % ow == 0:
-        win = (h // oh, w // ow)
-        return nn.avg_pool(x, win, strides=win)
+        return block_mean(x, (h // oh, w // ow))
     ph = jnp.asarray(_pool_matrix(h, oh), x.dtype)
     pw = jnp.asarray(_pool_matrix(w, ow), x.dtype)
     return jnp.einsum("ih,bhwc,jw->bijc", ph, x, pw)
+
+
+def block_mean(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+    """Non-overlapping average pool of ``[batch, H, W, C]`` over ``window`` blocks -> ``[batch, H/kh, W/kw, C]``.
+
+    Same values as ``nn.avg_pool(x, window, strides=window)``, written as a reshape and a mean so that its
+    gradient is a broadcast: the gradient of XLA's reduce-window sum is a padded reduce-window that took
+    ~19% of the paper CNN's DGL step on CPU (``benchmarks/profile_step.py``).
+    """
+    b, h, w, c = x.shape
+    kh, kw = window
+    if h % kh or w % kw:
+        raise ValueError(f"block_mean needs H and W divisible by the window {window}, got {h}x{w}")
+    return x.reshape(b, h // kh, kh, w // kw, kw, c).mean(axis=(2, 4))
 
 
 def space_to_depth(x: jax.Array, block: int = 2) -> jax.Array:
@@ -88,6 +101,8 @@ def downsample(x: jax.Array, kind: str | None, window: int = 2, stride: int | No
     if kind == "maxpool":
         return nn.max_pool(x, (window, window), strides=(stride or window,) * 2)
     if kind == "avgpool":
+        if (stride or window) == window and x.shape[1] % window == 0 and x.shape[2] % window == 0:
+            return block_mean(x, (window, window))
         return nn.avg_pool(x, (window, window), strides=(stride or window,) * 2)
     if kind == "space_to_depth":
         return space_to_depth(x, window)
@@ -101,18 +116,28 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 
 
 def _kernel_grad_dots(x: jax.Array, dy: jax.Array, kernel: tuple[int, int], padding) -> jax.Array:
-    """Kernel gradient ``[kh, kw, C_in, C_out]`` of a unit-stride NHWC convolution as ``kh * kw`` matmuls
-    ``[C_in, B*Ho*Wo] @ [B*Ho*Wo, C_out]`` (one per kernel tap, float32 accumulation)."""
+    """Kernel gradient ``[kh, kw, C_in, C_out]`` of a unit-stride NHWC convolution as matmuls contracting the
+    ``B*Ho*Wo`` positions (float32 accumulation): one matmul of the ``[B*Ho*Wo, kh*kw*C_in]`` patches when
+    they are narrow (``kh*kw*C_in <= 32``, e.g. a first layer on RGB input), otherwise one
+    ``[C_in, B*Ho*Wo] @ [B*Ho*Wo, C_out]`` matmul per kernel tap in a ``lax.scan``, so that only one shifted
+    copy of the input is alive at a time."""
     kh, kw = kernel
-    _, ho, wo, d = dy.shape
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    b, ho, wo, d = dy.shape
+    c = x.shape[-1]
     dyf = dy.reshape(-1, d)
-    taps = [
-        jnp.dot(xp[:, i : i + ho, j : j + wo, :].reshape(dyf.shape[0], -1).T, dyf, preferred_element_type=jnp.float32)
-        for i in range(kh)
-        for j in range(kw)
-    ]
-    return jnp.stack(taps).reshape(kh, kw, x.shape[-1], d)
+    if kh * kw == 1:
+        return jnp.dot(x.reshape(-1, c).T, dyf, preferred_element_type=jnp.float32).reshape(1, 1, c, d)
+    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
+    if kh * kw * c <= 32:
+        taps = [xp[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)]
+        patches = jnp.concatenate(taps, axis=-1).reshape(dyf.shape[0], -1)
+        return jnp.dot(patches.T, dyf, preferred_element_type=jnp.float32).reshape(kh, kw, c, d)
+
+    def tap(_, k):
+        shifted = jax.lax.dynamic_slice(xp, (0, k // kw, k % kw, 0), (b, ho, wo, c)).reshape(-1, c)
+        return None, jnp.dot(shifted.T, dyf, preferred_element_type=jnp.float32)
+
+    return jax.lax.scan(tap, None, jnp.arange(kh * kw))[1].reshape(kh, kw, c, d)
 
 
 def _conv(x: jax.Array, w: jax.Array, padding) -> jax.Array:
@@ -163,9 +188,10 @@ def conv_general_dilated(
     """``jax.lax.conv_general_dilated`` with the same values and a faster gradient on CPU.
 
     For the 2-D, unit-stride, undilated, ungrouped ``[batch, H, W, C_in] x [kh, kw, C_in, C_out]`` case
-    with ``0 <= padding <= k - 1`` (every conv of the zoo's trunks that is wider than 1x1 and not strided),
-    the input gradient is a plain convolution and, on CPU, the kernel gradient is ``kh * kw`` matmuls;
-    other backends and every other case use ``lax.conv_general_dilated`` and its own gradient.
+    with ``0 <= padding <= k - 1`` (every conv of the zoo that is not strided, 1x1 included), the input
+    gradient is a plain convolution and, on CPU, the kernel gradient is matmuls over the ``B*Ho*Wo`` positions
+    (patches for narrow inputs, one per kernel tap otherwise); other backends and every other case use
+    ``lax.conv_general_dilated`` and its own gradient.
     """
     args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
     fallback = lambda: jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)  # noqa: E731
@@ -174,7 +200,7 @@ def conv_general_dilated(
     dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
     kernel = rhs.shape[:2]
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    if dn != nhwc or tuple(window_strides) != (1, 1) or kernel == (1, 1):
+    if dn != nhwc or tuple(window_strides) != (1, 1):
         return fallback()
     if any(tuple(d or (1, 1)) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
         return fallback()

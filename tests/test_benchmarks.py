@@ -66,3 +66,13 @@ def test_conv_kernels_benchmark_tiny(tmp_path):
     assert [e["shape"]["C_out"] for e in saved["layers"]] == [8, 16]
     for e in saved["layers"]:
         assert e["xla_nhwc"]["repeats"] == 2 and e["xla_nhwc"]["gflop_per_s"] > 0
+
+
+def test_profile_step_benchmark_tiny(tmp_path):
+    out = tmp_path / "profile_step.json"
+    load("profile_step").main(["--tiny", "--no-torch", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    parts = {(r["stage"], r["part"]) for r in saved["rows"]}
+    assert {(0, "block_backward"), (3, "local_update"), ("all", "dgl_step")} <= parts
+    assert all(r["jax"]["median_s"] > 0 for r in saved["rows"])
+    assert saved["totals_over_stages"]["head"]["jax_s"] > 0

@@ -48,6 +48,20 @@ def test_downsamplers(kind, shape):
     chex.assert_shape(layers.downsample(x, kind), shape)
 
 
+@pytest.mark.parametrize("window", [(2, 2), (4, 2), (1, 3)])
+def test_block_mean_equals_avg_pool_values_and_gradients(window):
+    x = jax.random.normal(jax.random.key(0), (2, 8, 6, 3))
+
+    def loss(pool, x):
+        return jnp.sum(jnp.sin(pool(x)))
+
+    ours = jax.value_and_grad(lambda x: loss(lambda x: layers.block_mean(x, window), x))(x)
+    theirs = jax.value_and_grad(lambda x: loss(lambda x: layers.nn.avg_pool(x, window, strides=window), x))(x)
+    chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="divisible by the window"):
+        layers.block_mean(x, (3, 3))
+
+
 def test_strided_conv_downsamples():
     m = layers.ConvBNReLU(5, pre="stride")
     x = jnp.ones((2, 8, 8, 3))
@@ -83,8 +97,12 @@ def test_mlp_sr_widths_follow_paper():
     chex.assert_shape(p["Dense_3"]["kernel"], (4 * 32, 10))
 
 
-CONV_CASES = [  # x shape, kernel shape, padding
+CONV_CASES = [  # x shape, kernel shape, padding (kh*kw*C_in <= 32: patches kernel gradient, else per tap)
     ((2, 6, 6, 3), (3, 3, 3, 4), ((1, 1), (1, 1))),
+    ((2, 6, 6, 8), (3, 3, 8, 4), ((1, 1), (1, 1))),
+    ((2, 5, 6, 8), (3, 3, 8, 4), ((0, 2), (2, 1))),
+    ((2, 5, 5, 6), (1, 1, 6, 4), ((0, 0), (0, 0))),
+    ((2, 5, 5, 6), (1, 1, 6, 4), "SAME"),
     ((2, 7, 5, 4), (5, 5, 4, 3), ((2, 2), (2, 2))),
     ((1, 6, 6, 2), (3, 3, 2, 5), ((0, 2), (1, 0))),
     ((2, 6, 6, 3), (3, 3, 3, 4), "SAME"),
