@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
@@ -13,11 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dgl_jax import (
     backprop_step,
+    conv,
     dgl_step,
     drop_aux_heads,
     get_model,
@@ -27,10 +30,57 @@ from dgl_jax import (
 )
 
 
+def cpu_model() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _direct_only(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                 feature_group_count=1, precision=None, **kwargs):  # fmt: skip
+    """``dgl_jax.conv.conv_general_dilated`` with Winograd never chosen (the direct path where it would be)."""
+    pads = conv._nhwc_unit_pads(
+        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count
+    )
+    if pads is None or precision is not None or kwargs:
+        return conv.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                         dimension_numbers, feature_group_count, precision, **kwargs)  # fmt: skip
+    return conv.direct_conv(lhs, rhs, pads)
+
+
+CONV_VARIANTS = {
+    "dgl_jax": conv.Conv,  # what the library does: dgl_jax.conv.conv_general_dilated
+    "direct": functools.partial(nn.Conv, conv_general_dilated=_direct_only),  # no Winograd
+    "xla": nn.Conv,  # XLA's own convolutions and gradients
+}
+
+
+@contextlib.contextmanager
+def conv_variant(name: str):
+    """Within: the zoo's models are built with the convolutions of ``name`` in :data:`CONV_VARIANTS` (for
+    A/B benchmarks; trace and compile inside the block)."""
+    from dgl_jax import layers, models
+
+    saved = layers.Conv, models.Conv
+    layers.Conv = models.Conv = CONV_VARIANTS[name]
+    try:
+        yield
+    finally:
+        layers.Conv, models.Conv = saved
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     dev = jax.devices()[0]
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {
+        "cpu_model": cpu_model(),
+        "avx512": " avx512f" in flags,
         "platform": dev.platform,
         "device_kind": dev.device_kind,
         "num_devices": jax.device_count(),

@@ -5,14 +5,22 @@
     python benchmarks/conv_kernels.py --tiny
 
 For every 3x3 convolution of ``cnn4`` (input ``[batch, H, W, C_in]`` -> ``C_out``, 'SAME' padding, no bias)
-this times forward + backward (gradients of ``sum(y**2)`` w.r.t. input and kernel) in: XLA via ``jax.jit`` of
-``lax.conv_general_dilated`` with its own gradient (NHWC/HWIO and NCHW), of the same convolution written as
-im2col (patches ``[batch, H, W, 9 C_in]`` times a ``[9 C_in, C_out]`` matrix), of
-``dgl_jax.layers.conv_general_dilated`` (what the library's layers use: XLA's forward convolution, the input
-gradient as a convolution, the kernel gradient as 9 matmuls on CPU), and PyTorch eager in NCHW and
-channels_last; plus XLA's forward, input-gradient and kernel-gradient convolutions timed alone. All variants
-alternate within each repeat; medians go to JSON with the achieved GFLOP/s (3 x the forward MACs x 2 / time,
-one third of that for a part timed alone) and the XLA/PyTorch ratio per layer. Without torch only XLA is timed.
+this times, for the loss ``sum(y**2)``, forward + kernel gradient (``dgl``: what a DGL block's convolution
+needs, its input being a constant) and forward + input and kernel gradients (``backprop``), in:
+
+- ``xla_nhwc`` / ``xla_nchw``: ``lax.conv_general_dilated`` with XLA's own gradient;
+- ``xla_im2col``: the same convolution as patches ``[batch, H, W, 9 C_in]`` times a ``[9 C_in, C_out]`` matrix;
+- ``direct``: ``dgl_jax.conv.direct_conv`` (XLA's forward, input gradient as a convolution, kernel gradient
+  as matmuls on CPU);
+- ``winograd2`` / ``winograd4``: ``dgl_jax.conv.winograd_conv`` with F(2x2,3x3) / F(4x4,3x3);
+- ``dgl_jax``: ``dgl_jax.conv.conv_general_dilated``, i.e. the algorithm the library picks
+  (``dgl_jax.conv.conv_algorithm``, recorded per layer);
+- ``torch_nchw`` / ``torch_channels_last``: PyTorch eager;
+
+plus XLA's own forward, input-gradient and kernel-gradient convolutions timed alone. All variants alternate
+within each repeat; medians go to JSON with the achieved GFLOP/s (direct-convolution FLOPs: 2 x the forward
+MACs per pass, 2 passes for ``dgl``, 3 for ``backprop``, 1 for a part timed alone; Winograd does fewer) and
+each variant's ratio to the best PyTorch layout. Without torch only JAX is timed.
 """
 
 from __future__ import annotations
@@ -24,13 +32,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 from common import machine, summarize, time_call, write_json  # noqa: E402
 
-from dgl_jax.layers import conv_general_dilated  # noqa: E402
+from dgl_jax import conv  # noqa: E402
 
 # (H=W, C_in, C_out) of the convolutions of cnn4 (64-128-128-256, max-pool before layers 2 and 4) at 32x32x1
 CNN4_LAYERS = [(32, 1, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256)]
 XLA_PARTS = ("forward", "input_grad", "kernel_grad")  # xla_nhwc's three convolutions, timed one by one
+MODES = {"dgl": (1,), "backprop": (0, 1)}  # gradients taken: of the kernel / of the input and the kernel
+PASSES = {"dgl": 2, "backprop": 3}
+SAME = ((1, 1), (1, 1))
 
 
 def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
@@ -42,24 +54,35 @@ def im2col_conv3x3(x: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.dot(patches, w.reshape(-1, w.shape[-1]))
 
 
-def jax_conv(batch: int, size: int, cin: int, cout: int, layout: str = "NHWC"):
-    """A jitted ``() -> (dx, dw)`` for one conv layer on fixed random data (``layout``: NHWC, NCHW,
-    ``im2col``: NHWC written as patches times a matrix, or ``dgl_jax``: NHWC through
-    ``dgl_jax.layers.conv_general_dilated``, the library's convolution with its own gradient)."""
+def _lax(layout: str):
+    return lambda x, w: jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=(layout, "HWIO", layout))
+
+
+JAX_VARIANTS = {
+    "xla_nhwc": _lax("NHWC"),
+    "xla_nchw": _lax("NCHW"),
+    "xla_im2col": im2col_conv3x3,
+    "direct": lambda x, w: conv.direct_conv(x, w, SAME),
+    "winograd2": lambda x, w: conv.winograd_conv(x, w, SAME, 2),
+    "winograd4": lambda x, w: conv.winograd_conv(x, w, SAME, 4),
+    "dgl_jax": lambda x, w: conv.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=conv._NHWC),
+}
+
+
+def operands(batch: int, size: int, cin: int, cout: int, layout: str = "NHWC"):
+    rng = np.random.default_rng(0)
     shape = (batch, cin, size, size) if layout == "NCHW" else (batch, size, size, cin)
-    x = jax.random.normal(jax.random.key(0), shape)
-    w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
+    x = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((3, 3, cin, cout)) * 0.1, jnp.float32)
+    return x, w
 
-    def loss(x, w):
-        if layout == "im2col":
-            return jnp.sum(im2col_conv3x3(x, w) ** 2)
-        if layout == "dgl_jax":
-            y = conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return jnp.sum(y**2)
-        y = jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=(layout, "HWIO", layout))
-        return jnp.sum(y**2)
 
-    grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
+def jax_conv(batch: int, size: int, cin: int, cout: int, variant: str, mode: str):
+    """A jitted ``() -> gradients`` of ``sum(y**2)`` for one conv layer (``variant`` of :data:`JAX_VARIANTS`)
+    on fixed random data: w.r.t. the kernel (``mode='dgl'``) or the input and the kernel (``'backprop'``)."""
+    x, w = operands(batch, size, cin, cout, "NCHW" if variant == "xla_nchw" else "NHWC")
+    f = JAX_VARIANTS[variant]
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=MODES[mode]))
     jax.block_until_ready(grad(x, w))
     return lambda: grad(x, w)
 
@@ -67,9 +90,8 @@ def jax_conv(batch: int, size: int, cin: int, cout: int, layout: str = "NHWC"):
 def xla_part(batch: int, size: int, cin: int, cout: int, part: str):
     """A jitted call of one part of XLA's own NHWC convolution and its gradient (``part``: ``forward``,
     ``input_grad`` or ``kernel_grad``, each the single convolution XLA runs for it) on fixed random data."""
-    x = jax.random.normal(jax.random.key(0), (batch, size, size, cin))
-    w = jax.random.normal(jax.random.key(1), (3, 3, cin, cout)) * 0.1
-    dy = jax.random.normal(jax.random.key(2), (batch, size, size, cout))
+    x, w = operands(batch, size, cin, cout)
+    dy = jnp.asarray(np.random.default_rng(1).standard_normal((batch, size, size, cout)), jnp.float32)
 
     def conv(x, w):
         return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC"))
@@ -84,19 +106,19 @@ def xla_part(batch: int, size: int, cin: int, cout: int, part: str):
     return lambda: jitted(x, w, dy)
 
 
-def torch_conv(batch: int, size: int, cin: int, cout: int, channels_last: bool):
+def torch_conv(batch: int, size: int, cin: int, cout: int, channels_last: bool, mode: str):
     import torch
 
     x = torch.randn(batch, cin, size, size)
-    conv = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)
+    layer = torch.nn.Conv2d(cin, cout, 3, padding=1, bias=False)
     if channels_last:
-        x, conv = x.to(memory_format=torch.channels_last), conv.to(memory_format=torch.channels_last)
-    x.requires_grad_(True)
+        x, layer = x.to(memory_format=torch.channels_last), layer.to(memory_format=torch.channels_last)
+    x.requires_grad_(mode == "backprop")
 
     def run():
         x.grad = None
-        conv.weight.grad = None
-        (conv(x) ** 2).sum().backward()
+        layer.weight.grad = None
+        (layer(x) ** 2).sum().backward()
         return None
 
     run()
@@ -114,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     layers = CNN4_LAYERS
     if args.tiny:
         args.batch, args.repeats, args.warmup = 4, 2, 1
-        layers = [(8, 1, 8), (4, 8, 16)]
+        layers = [(4, 8, 16)]
     try:
         import torch
 
@@ -130,51 +152,44 @@ def main(argv: list[str] | None = None) -> dict:
         "layers": [],
     }
     for size, cin, cout in layers:
-        fns = {
-            "xla_nhwc": jax_conv(args.batch, size, cin, cout),
-            "xla_nchw": jax_conv(args.batch, size, cin, cout, "NCHW"),
-            "xla_im2col": jax_conv(args.batch, size, cin, cout, "im2col"),
-            "dgl_jax": jax_conv(args.batch, size, cin, cout, "dgl_jax"),
-            **{f"xla_{part}": xla_part(args.batch, size, cin, cout, part) for part in XLA_PARTS},
-        }
+        fns = {f"{v}_{mode}": jax_conv(args.batch, size, cin, cout, v, mode) for mode in MODES for v in JAX_VARIANTS}
+        fns.update({f"xla_{part}": xla_part(args.batch, size, cin, cout, part) for part in XLA_PARTS})
         if have_torch:
-            fns["torch_nchw"] = torch_conv(args.batch, size, cin, cout, channels_last=False)
-            fns["torch_channels_last"] = torch_conv(args.batch, size, cin, cout, channels_last=True)
+            for mode in MODES:
+                for name, cl in (("torch_nchw", False), ("torch_channels_last", True)):
+                    fns[f"{name}_{mode}"] = torch_conv(args.batch, size, cin, cout, cl, mode)
         times = {k: [] for k in fns}
         for r in range(args.warmup + args.repeats):
             for k, fn in fns.items():
                 t = time_call(fn)
                 if r >= args.warmup:
                     times[k].append(t)
-        flops = 3 * 2 * args.batch * size * size * cin * cout * 9
-        entry = {"shape": {"H": size, "W": size, "C_in": cin, "C_out": cout}, "gflop": flops / 1e9}
+        pass_flops = 2 * args.batch * size * size * cin * cout * 9
+        algorithm = conv.conv_algorithm((args.batch, size, size, cin), (3, 3, cin, cout), jnp.float32, SAME)
+        entry = {"shape": {"H": size, "W": size, "C_in": cin, "C_out": cout}, "dgl_jax_algorithm": algorithm}
         for k, ts in times.items():
-            s = summarize(ts)
-            part_flops = flops / 3 if k.removeprefix("xla_") in XLA_PARTS else flops
-            entry[k] = {**s, "gflop_per_s": part_flops / 1e9 / s["median_s"]}
+            passes = next((PASSES[m] for m in MODES if k.endswith(f"_{m}")), 1)
+            entry[k] = {**summarize(ts), "gflop_per_s": passes * pass_flops / 1e9 / summarize(ts)["median_s"]}
         if have_torch:
-            best = min(entry["torch_nchw"]["median_s"], entry["torch_channels_last"]["median_s"])
-            entry["xla_over_best_torch"] = entry["xla_nhwc"]["median_s"] / best
-            entry["dgl_jax_over_best_torch"] = entry["dgl_jax"]["median_s"] / best
+            for mode in MODES:
+                best = min(entry[f"torch_nchw_{mode}"]["median_s"], entry[f"torch_channels_last_{mode}"]["median_s"])
+                entry[f"over_best_torch_{mode}"] = {v: entry[f"{v}_{mode}"]["median_s"] / best for v in JAX_VARIANTS}
         result["layers"].append(entry)
-        line = f"{size}x{size} {cin:>3d}->{cout:<3d}: " + ", ".join(
-            f"{k} {entry[k]['median_s'] * 1e3:.1f} ms ({entry[k]['gflop_per_s']:.0f} GFLOP/s)" for k in times
-        )
-        print(line, flush=True)
-    total = {
-        k: sum(e[k]["median_s"] for e in result["layers"])
-        for k in result["layers"][0]
-        if isinstance(result["layers"][0][k], dict) and "median_s" in result["layers"][0][k]
-    }
+        print(f"{size}x{size} {cin:>3d}->{cout:<3d} (dgl_jax: {algorithm[0]} {algorithm[1] or ''}):", flush=True)
+        for k in times:
+            print(
+                f"    {k:28s} {entry[k]['median_s'] * 1e3:8.1f} ms  {entry[k]['gflop_per_s']:6.0f} GFLOP/s", flush=True
+            )
+    timed = [k for k, v in result["layers"][0].items() if isinstance(v, dict) and "median_s" in v]
+    total = {k: sum(e[k]["median_s"] for e in result["layers"]) for k in timed}
     result["total_median_s"] = total
     if have_torch:
-        best = min(total["torch_nchw"], total["torch_channels_last"])
-        result["total_xla_over_best_torch"] = total["xla_nhwc"] / best
-        result["total_dgl_jax_over_best_torch"] = total["dgl_jax"] / best
-        print(f"all layers, XLA / best PyTorch layout: {result['total_xla_over_best_torch']:.3f}")
-        print(f"all layers, dgl_jax / best PyTorch layout: {result['total_dgl_jax_over_best_torch']:.3f}")
-    result["total_dgl_jax_over_xla"] = total["dgl_jax"] / total["xla_nhwc"]
-    print(f"all layers, dgl_jax / XLA: {result['total_dgl_jax_over_xla']:.3f}")
+        result["total_over_best_torch"] = {}
+        for mode in MODES:
+            best = min(total[f"torch_nchw_{mode}"], total[f"torch_channels_last_{mode}"])
+            result["total_over_best_torch"][mode] = {v: total[f"{v}_{mode}"] / best for v in JAX_VARIANTS}
+            ratios = ", ".join(f"{v} {r:.2f}" for v, r in result["total_over_best_torch"][mode].items())
+            print(f"all layers, {mode} (forward + gradients), time / best PyTorch layout: {ratios}")
     write_json(args.out, result)
     return result
 

@@ -5,16 +5,17 @@
     python benchmarks/vs_pytorch.py --tiny
 
 Variants: PyTorch eager (NCHW), eager channels_last, ``torch.compile`` (one compiled function per stage
-update), dgl_jax (jitted, states donated), and dgl_jax with XLA's own convolution gradients
-(``jax_lax_grad_*``: the library before ``dgl_jax.layers.conv_general_dilated``). Every repeat runs every
-variant once, alternating, so machine noise hits all alike; medians and quartiles go to JSON and the
-JAX/PyTorch ratios are printed last.
+update), dgl_jax (jitted, states donated), and dgl_jax with other convolutions (``--jax-convs``):
+``jax_direct_*`` without Winograd (the library's direct convolutions only) and ``jax_xla_*`` with XLA's own
+convolutions and gradients. Every repeat runs every variant once, alternating, so machine noise hits all
+alike; medians and quartiles go to JSON and the JAX/PyTorch ratios are printed last. By default the process
+first calls ``dgl_jax.host.keep_freed_memory()``, as ``python -m dgl_jax train`` does; it applies to both
+frameworks (``--malloc default`` leaves glibc's settings).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import math
 import sys
@@ -23,7 +24,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, paper_step, summarize, time_call, write_json  # noqa: E402
+from common import CONV_VARIANTS, conv_variant, machine, paper_step, summarize, time_call, write_json  # noqa: E402
+
+from dgl_jax.host import keep_freed_memory  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -144,24 +147,8 @@ def build_torch(args, method, channels_last, compiled):
 # ----------------------------------------------------------------------------------------------------------
 # JAX side
 # ----------------------------------------------------------------------------------------------------------
-@contextlib.contextmanager
-def lax_conv_gradients():
-    """Within: the zoo's convolutions are plain ``flax.linen.Conv`` (XLA's own convolution gradients), i.e.
-    dgl_jax before ``dgl_jax.layers.conv_general_dilated``; for the A/B comparison only."""
-    import flax.linen as nn
-
-    from dgl_jax import layers, models
-
-    saved = layers.Conv, models.Conv
-    layers.Conv = models.Conv = nn.Conv
-    try:
-        yield
-    finally:
-        layers.Conv, models.Conv = saved
-
-
-def build_jax(args, method, lax_grad=False):
-    with lax_conv_gradients() if lax_grad else contextlib.nullcontext():
+def build_jax(args, method, conv="dgl_jax"):
+    with conv_variant(conv):
         jitted, states, x, y = paper_step(
             method, dtype=args.dtype, batch=args.batch, size=args.size, channels=args.channels
         )
@@ -184,11 +171,27 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile variant (slow to build)")
+    p.add_argument(
+        "--jax-convs",
+        type=lambda t: [c for c in t.split(",") if c],
+        default=["direct", "xla"],
+        help=f"extra dgl_jax variants built with other convolutions, comma-separated: {list(CONV_VARIANTS)[1:]}",
+    )
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: dgl_jax.host.keep_freed_memory() first, as the CLI does (both frameworks share the process)",
+    )
     p.add_argument("--out", default="benchmarks/results/vs_pytorch.json")
     p.add_argument("--tiny", action="store_true", help="batch 4, 8x8 inputs, 2 repeats, no torch.compile")
     args = p.parse_args(argv)
     if args.tiny:
         args.batch, args.size, args.repeats, args.warmup, args.no_compile = 4, 8, 2, 1, True
+    unknown = [c for c in args.jax_convs if c not in CONV_VARIANTS]
+    if unknown:
+        p.error(f"unknown --jax-convs {unknown}; expected some of {list(CONV_VARIANTS)}")
+    malloc_kept = args.malloc == "keep" and keep_freed_memory()
     import torch
 
     torch.set_num_threads(max(1, __import__("os").cpu_count() or 1))
@@ -199,7 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         if not args.no_compile:
             variants[f"torch_compile_{method}"] = build_torch(args, method, False, True)
         variants[f"jax_{method}"] = build_jax(args, method)
-        variants[f"jax_lax_grad_{method}"] = build_jax(args, method, lax_grad=True)
+        for conv in args.jax_convs:
+            variants[f"jax_{conv}_{method}"] = build_jax(args, method, conv)
     times = {k: [] for k in variants}
     for r in range(args.warmup + args.repeats):
         for name, fn in variants.items():
@@ -209,7 +213,12 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "vs_pytorch",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {**machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()},
+        "machine": {
+            **machine(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "malloc_kept": malloc_kept,
+        },
         "variants": {k: summarize(v) for k, v in times.items()},
     }
     ratios = {}
@@ -218,7 +227,8 @@ def main(argv: list[str] | None = None) -> dict:
         for k, v in result["variants"].items():
             if k.startswith("torch") and k.endswith(method):
                 ratios[f"jax_over_{k}"] = jax_t / v["median_s"]
-        ratios[f"jax_over_jax_lax_grad_{method}"] = jax_t / result["variants"][f"jax_lax_grad_{method}"]["median_s"]
+        for conv in args.jax_convs:
+            ratios[f"jax_over_jax_{conv}_{method}"] = jax_t / result["variants"][f"jax_{conv}_{method}"]["median_s"]
         best = min(v["median_s"] for k, v in result["variants"].items() if k.startswith("torch") and k.endswith(method))
         ratios[f"jax_over_best_torch_{method}"] = jax_t / best
     result["ratios"] = ratios

@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dgl_jax.host import keep_freed_memory
+
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
@@ -151,6 +153,13 @@ def _common(p: argparse.ArgumentParser) -> None:
         help="persistent XLA compilation cache folder, or 'off' (default ~/.cache/dgl_jax/jax or $DGL_JAX_CACHE_DIR)",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--malloc",
+        choices=["keep", "default"],
+        default="keep",
+        help="keep: glibc keeps freed host memory for reuse (no page faults on every step's XLA buffers; "
+        "dgl_jax.host.keep_freed_memory); default: glibc's own settings",
+    )
 
 
 def setup_compilation_cache(path: str) -> str | None:
@@ -517,6 +526,8 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     try:
         args = build_parser().parse_args(argv)
+        if args.malloc == "keep":
+            keep_freed_memory()
         setup_compilation_cache(args.compilation_cache)
         if args.command == "train":
             return cmd_train(args, t_start)

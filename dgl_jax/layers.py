@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgl_jax.conv import Conv, conv_general_dilated  # noqa: F401  (re-exported: the layers' convolution)
+
 Dtype = Any
 
 DOWNSAMPLERS = ("maxpool", "avgpool", "stride", "space_to_depth")
@@ -107,113 +109,6 @@ def downsample(x: jax.Array, kind: str | None, window: int = 2, stride: int | No
     if kind == "space_to_depth":
         return space_to_depth(x, window)
     raise ValueError(f"unknown downsampler {kind!r}; expected one of {DOWNSAMPLERS}")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Convolution with a CPU-friendly kernel gradient
-# ----------------------------------------------------------------------------------------------------------
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _kernel_grad_dots(x: jax.Array, dy: jax.Array, kernel: tuple[int, int], padding) -> jax.Array:
-    """Kernel gradient ``[kh, kw, C_in, C_out]`` of a unit-stride NHWC convolution as matmuls contracting the
-    ``B*Ho*Wo`` positions (float32 accumulation): one matmul of the ``[B*Ho*Wo, kh*kw*C_in]`` patches when
-    they are narrow (``kh*kw*C_in <= 32``, e.g. a first layer on RGB input), otherwise one
-    ``[C_in, B*Ho*Wo] @ [B*Ho*Wo, C_out]`` matmul per kernel tap in a ``lax.scan``, so that only one shifted
-    copy of the input is alive at a time."""
-    kh, kw = kernel
-    b, ho, wo, d = dy.shape
-    c = x.shape[-1]
-    dyf = dy.reshape(-1, d)
-    if kh * kw == 1:
-        return jnp.dot(x.reshape(-1, c).T, dyf, preferred_element_type=jnp.float32).reshape(1, 1, c, d)
-    xp = jnp.pad(x, ((0, 0), *padding, (0, 0)))
-    if kh * kw * c <= 32:
-        taps = [xp[:, i : i + ho, j : j + wo, :] for i in range(kh) for j in range(kw)]
-        patches = jnp.concatenate(taps, axis=-1).reshape(dyf.shape[0], -1)
-        return jnp.dot(patches.T, dyf, preferred_element_type=jnp.float32).reshape(kh, kw, c, d)
-
-    def tap(_, k):
-        shifted = jax.lax.dynamic_slice(xp, (0, k // kw, k % kw, 0), (b, ho, wo, c)).reshape(-1, c)
-        return None, jnp.dot(shifted.T, dyf, preferred_element_type=jnp.float32)
-
-    return jax.lax.scan(tap, None, jnp.arange(kh * kw))[1].reshape(kh, kw, c, d)
-
-
-def _conv(x: jax.Array, w: jax.Array, padding) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, w, (1, 1), padding, dimension_numbers=_NHWC)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _conv_nhwc(x: jax.Array, w: jax.Array, padding: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
-    return _conv(x, w, padding)
-
-
-def _conv_nhwc_fwd(x, w, padding):
-    return _conv(x, w, padding), (x, w)
-
-
-def _conv_nhwc_bwd(padding, res, dy):
-    x, w = res
-    kh, kw = w.shape[:2]
-    # input gradient: the same kind of convolution as the forward one (flipped kernel, in/out swapped)
-    dx_pad = ((kh - 1 - padding[0][0], kh - 1 - padding[0][1]), (kw - 1 - padding[1][0], kw - 1 - padding[1][1]))
-    dx = _conv(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), dx_pad)
-    # kernel gradient: XLA:CPU's batch-contracting convolution runs at a fraction of its forward speed
-    # (benchmarks/conv_kernels.py); on CPU it is computed as one matmul per kernel tap instead
-    dw = jax.lax.platform_dependent(
-        x,
-        dy,
-        cpu=lambda x, dy: _kernel_grad_dots(x, dy, (kh, kw), padding).astype(w.dtype),
-        default=lambda x, dy: jax.vjp(lambda w: _conv(x, w, padding), w)[1](dy)[0],
-    )
-    return dx, dw
-
-
-_conv_nhwc.defvjp(_conv_nhwc_fwd, _conv_nhwc_bwd)
-
-
-def conv_general_dilated(
-    lhs: jax.Array,
-    rhs: jax.Array,
-    window_strides: Sequence[int],
-    padding: str | Sequence[tuple[int, int]],
-    lhs_dilation: Sequence[int] | None = None,
-    rhs_dilation: Sequence[int] | None = None,
-    dimension_numbers: Any = None,
-    feature_group_count: int = 1,
-    precision: Any = None,
-    **kwargs: Any,
-) -> jax.Array:
-    """``jax.lax.conv_general_dilated`` with the same values and a faster gradient on CPU.
-
-    For the 2-D, unit-stride, undilated, ungrouped ``[batch, H, W, C_in] x [kh, kw, C_in, C_out]`` case
-    with ``0 <= padding <= k - 1`` (every conv of the zoo that is not strided, 1x1 included), the input
-    gradient is a plain convolution and, on CPU, the kernel gradient is matmuls over the ``B*Ho*Wo`` positions
-    (patches for narrow inputs, one per kernel tap otherwise); other backends and every other case use
-    ``lax.conv_general_dilated`` and its own gradient.
-    """
-    args = (lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation, dimension_numbers, feature_group_count)
-    fallback = lambda: jax.lax.conv_general_dilated(*args, precision=precision, **kwargs)  # noqa: E731
-    if lhs.ndim != 4 or kwargs or precision is not None or feature_group_count != 1:
-        return fallback()
-    dn = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
-    kernel = rhs.shape[:2]
-    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
-    if dn != nhwc or tuple(window_strides) != (1, 1):
-        return fallback()
-    if any(tuple(d or (1, 1)) != (1, 1) for d in (lhs_dilation, rhs_dilation)):
-        return fallback()
-    if isinstance(padding, str):
-        padding = jax.lax.padtype_to_pads(lhs.shape[1:3], kernel, (1, 1), padding)
-    pads = tuple((int(lo), int(hi)) for lo, hi in padding)
-    if not all(0 <= p <= k - 1 for (lo, hi), k in zip(pads, kernel, strict=True) for p in (lo, hi)):
-        return fallback()
-    return _conv_nhwc(lhs, rhs, pads)
-
-
-Conv = functools.partial(nn.Conv, conv_general_dilated=conv_general_dilated)
-"""``flax.linen.Conv`` computing through :func:`conv_general_dilated` (same parameters, same values)."""
 
 
 # ----------------------------------------------------------------------------------------------------------

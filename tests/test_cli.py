@@ -142,3 +142,15 @@ def test_help_lists_presets(capsys):
     for name in ("dni_comparison", "aux_head_study", "learning_curves", "buffer_net", "resnet110_k2",
                  "imagenet_vgg19_k4", "imagenet_resnet152_k2"):  # fmt: skip
         assert name in text
+
+
+def test_keep_freed_memory_applies_on_linux_glibc():
+    import platform
+
+    from dgl_jax.host import keep_freed_memory
+
+    applied = keep_freed_memory()
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert applied is True
+    else:
+        assert applied is False
