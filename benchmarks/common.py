@@ -74,8 +74,9 @@ def conv_variant(name: str):
         layers.Conv, models.Conv = saved
 
 
-def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
+def machine(malloc_kept: bool | None = None) -> dict[str, Any]:
+    """What the numbers were measured on (``malloc_kept``: what ``dgl_jax.host.keep_freed_memory`` returned,
+    None when the script did not call it)."""
     dev = jax.devices()[0]
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {
@@ -89,6 +90,7 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "malloc_kept": malloc_kept,
     }
 
 

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 from common import machine, paper_step, summarize, time_call, write_json  # noqa: E402
 
 from dgl_jax.data import Dataset  # noqa: E402
+from dgl_jax.host import keep_freed_memory  # noqa: E402
 from dgl_jax.trainer import TrainConfig, Trainer  # noqa: E402
 
 
@@ -141,13 +142,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/input_pipeline.json")
     p.add_argument("--tiny", action="store_true", help="small model and batch: checks the script runs")
     args = p.parse_args(argv)
+    malloc_kept = keep_freed_memory()  # as python -m dgl_jax train does
     if args.tiny:
         args.model, args.split, args.batch, args.size, args.channels = "small_cnn", 3, 8, 8, 1
         args.steps, args.repeats, args.warmup = 3, 2, 1
     result = {
         "benchmark": "input_pipeline",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": machine(),
+        "machine": machine(malloc_kept),
         "epoch_vs_step": epoch_vs_step(args),
     }
     if args.startup_rounds > 0:

@@ -34,6 +34,7 @@ import optax  # noqa: E402
 from common import machine, paper_stages, summarize, time_call, write_json  # noqa: E402
 
 from dgl_jax import dgl_step  # noqa: E402
+from dgl_jax.host import keep_freed_memory  # noqa: E402
 from dgl_jax.objective import cross_entropy  # noqa: E402
 from dgl_jax.train import stage_step  # noqa: E402
 
@@ -122,6 +123,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/profile_step.json")
     p.add_argument("--tiny", action="store_true", help="batch 4, 8x8 inputs, 2 repeats")
     args = p.parse_args(argv)
+    malloc_kept = keep_freed_memory()  # as python -m dgl_jax train does
     if args.tiny:
         args.batch, args.size, args.repeats, args.warmup = 4, 8, 2, 1
     try:
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "profile_step",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": {**machine(), **({"torch": torch.__version__} if use_torch else {})},
+        "machine": {**machine(malloc_kept), **({"torch": torch.__version__} if use_torch else {})},
         "rows": rows,
         "totals_over_stages": totals,
     }

@@ -16,6 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, paper_step, summarize, time_call, write_json  # noqa: E402
 
+from dgl_jax.host import keep_freed_memory  # noqa: E402
+
 
 def build(method: str, args: argparse.Namespace):
     step, states, x, y = paper_step(
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", default="benchmarks/results/step_time.json")
     p.add_argument("--tiny", action="store_true", help="small model and batch: checks the script runs")
     args = p.parse_args(argv)
+    malloc_kept = keep_freed_memory()  # as python -m dgl_jax train does
     if args.tiny:
         args.model, args.split, args.batch, args.size, args.channels = "small_cnn", 3, 8, 8, 1
         args.repeats, args.warmup = 3, 1
@@ -80,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "benchmark": "step_time",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
-        "machine": machine(),
+        "machine": machine(malloc_kept),
         **{m: {**summarize(run["times"]), "memory": run["memory"]} for m, run in runs.items()},
     }
     result["ratio_dgl_over_backprop"] = result["dgl"]["median_s"] / result["backprop"]["median_s"]

@@ -214,10 +214,9 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "vs_pytorch",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": {
-            **machine(),
+            **machine(malloc_kept),
             "torch": torch.__version__,
             "torch_threads": torch.get_num_threads(),
-            "malloc_kept": malloc_kept,
         },
         "variants": {k: summarize(v) for k, v in times.items()},
     }

@@ -33,6 +33,10 @@ CONFIGS = {
 def worker(args: argparse.Namespace) -> None:
     from common import paper_step, time_call
 
+    from dgl_jax.host import keep_freed_memory
+
+    keep_freed_memory()  # as python -m dgl_jax train does
+
     step, states, x, y = paper_step(
         args.method,
         model=args.model,

@@ -78,3 +78,12 @@ def test_profile_step_benchmark_tiny(tmp_path):
     assert {(0, "block_backward"), (3, "local_update"), ("all", "dgl_step")} <= parts
     assert all(r["jax"]["median_s"] > 0 for r in saved["rows"])
     assert saved["totals_over_stages"]["head"]["jax_s"] > 0
+
+
+def test_winograd_accuracy_benchmark_tiny(tmp_path):
+    out = tmp_path / "winograd_accuracy.json"
+    load("winograd_accuracy").main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert set(saved["runs"]) == {"dgl_jax", "direct"}
+    assert len(saved["winograd_minus_direct_points"]) == saved["runs"]["direct"]["num_stages"]
+    assert all(0 <= a <= 1 for a in saved["final_test_accuracy"]["dgl_jax"])
