@@ -101,6 +101,18 @@ def time_call(fn: Callable[[], Any]) -> float:
     return time.perf_counter() - t0
 
 
+def time_alternating(fns: dict[Any, Callable[[], Any]], repeats: int, warmup: int) -> dict[Any, list[float]]:
+    """``repeats`` wall times of every ``fns[k]()`` (:func:`time_call`), all of them called once per round,
+    in order, so that machine noise hits every variant alike; the first ``warmup`` rounds are dropped."""
+    times = {k: [] for k in fns}
+    for r in range(warmup + repeats):
+        for k, fn in fns.items():
+            t = time_call(fn)
+            if r >= warmup:
+                times[k].append(t)
+    return times
+
+
 def summarize(times: list[float]) -> dict[str, float]:
     """Median and quartiles of a list of times, in seconds."""
     q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3

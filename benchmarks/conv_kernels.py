@@ -5,8 +5,9 @@
     python benchmarks/conv_kernels.py --tiny
 
 For every 3x3 convolution of ``cnn4`` (input ``[batch, H, W, C_in]`` -> ``C_out``, 'SAME' padding, no bias)
-this times, for the loss ``sum(y**2)``, forward + kernel gradient (``dgl``: what a DGL block's convolution
-needs, its input being a constant) and forward + input and kernel gradients (``backprop``), in:
+this times, for the loss ``sum(y**2)``, the forward pass alone (``forward``: evaluation), forward + kernel
+gradient (``dgl``: what a DGL block's convolution needs, its input being a constant) and forward + input and
+kernel gradients (``backprop``), in:
 
 - ``xla_nhwc`` / ``xla_nchw``: ``lax.conv_general_dilated`` with XLA's own gradient;
 - ``xla_im2col``: the same convolution as patches ``[batch, H, W, 9 C_in]`` times a ``[9 C_in, C_out]`` matrix;
@@ -19,8 +20,8 @@ needs, its input being a constant) and forward + input and kernel gradients (``b
 
 plus XLA's own forward, input-gradient and kernel-gradient convolutions timed alone. All variants alternate
 within each repeat; medians go to JSON with the achieved GFLOP/s (direct-convolution FLOPs: 2 x the forward
-MACs per pass, 2 passes for ``dgl``, 3 for ``backprop``, 1 for a part timed alone; Winograd does fewer) and
-each variant's ratio to the best PyTorch layout. Without torch only JAX is timed.
+MACs per pass, 1 pass for ``forward`` and for a part timed alone, 2 for ``dgl``, 3 for ``backprop``;
+Winograd does fewer) and each variant's ratio to the best PyTorch layout. Without torch only JAX is timed.
 """
 
 from __future__ import annotations
@@ -33,15 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from common import machine, summarize, time_call, write_json  # noqa: E402
+from common import machine, summarize, time_alternating, write_json  # noqa: E402
 
 from dgl_jax import conv  # noqa: E402
 
 # (H=W, C_in, C_out) of the convolutions of cnn4 (64-128-128-256, max-pool before layers 2 and 4) at 32x32x1
 CNN4_LAYERS = [(32, 1, 64), (16, 64, 128), (16, 128, 128), (8, 128, 256)]
 XLA_PARTS = ("forward", "input_grad", "kernel_grad")  # xla_nhwc's three convolutions, timed one by one
-MODES = {"dgl": (1,), "backprop": (0, 1)}  # gradients taken: of the kernel / of the input and the kernel
-PASSES = {"dgl": 2, "backprop": 3}
+MODES = {"forward": (), "dgl": (1,), "backprop": (0, 1)}  # gradients taken: none / the kernel's / both
+PASSES = {"forward": 1, "dgl": 2, "backprop": 3}
 SAME = ((1, 1), (1, 1))
 
 
@@ -82,7 +83,8 @@ def jax_conv(batch: int, size: int, cin: int, cout: int, variant: str, mode: str
     on fixed random data: w.r.t. the kernel (``mode='dgl'``) or the input and the kernel (``'backprop'``)."""
     x, w = operands(batch, size, cin, cout, "NCHW" if variant == "xla_nchw" else "NHWC")
     f = JAX_VARIANTS[variant]
-    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(f(x, w) ** 2), argnums=MODES[mode]))
+    loss = lambda x, w: jnp.sum(f(x, w) ** 2)  # noqa: E731
+    grad = jax.jit(jax.grad(loss, argnums=MODES[mode]) if MODES[mode] else loss)
     jax.block_until_ready(grad(x, w))
     return lambda: grad(x, w)
 
@@ -116,6 +118,9 @@ def torch_conv(batch: int, size: int, cin: int, cout: int, channels_last: bool, 
     x.requires_grad_(mode == "backprop")
 
     def run():
+        if mode == "forward":
+            with torch.no_grad():
+                return (layer(x) ** 2).sum()
         x.grad = None
         layer.weight.grad = None
         (layer(x) ** 2).sum().backward()
@@ -158,12 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
             for mode in MODES:
                 for name, cl in (("torch_nchw", False), ("torch_channels_last", True)):
                     fns[f"{name}_{mode}"] = torch_conv(args.batch, size, cin, cout, cl, mode)
-        times = {k: [] for k in fns}
-        for r in range(args.warmup + args.repeats):
-            for k, fn in fns.items():
-                t = time_call(fn)
-                if r >= args.warmup:
-                    times[k].append(t)
+        times = time_alternating(fns, args.repeats, args.warmup)
         pass_flops = 2 * args.batch * size * size * cin * cout * 9
         algorithm = conv.conv_algorithm((args.batch, size, size, cin), (3, 3, cin, cout), jnp.float32, SAME)
         entry = {"shape": {"H": size, "W": size, "C_in": cin, "C_out": cout}, "dgl_jax_algorithm": algorithm}
@@ -189,7 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
             best = min(total[f"torch_nchw_{mode}"], total[f"torch_channels_last_{mode}"])
             result["total_over_best_torch"][mode] = {v: total[f"{v}_{mode}"] / best for v in JAX_VARIANTS}
             ratios = ", ".join(f"{v} {r:.2f}" for v, r in result["total_over_best_torch"][mode].items())
-            print(f"all layers, {mode} (forward + gradients), time / best PyTorch layout: {ratios}")
+            print(f"all layers, {mode}, time / best PyTorch layout: {ratios}")
     write_json(args.out, result)
     return result
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
-from common import machine, paper_step, summarize, time_call, write_json  # noqa: E402
+from common import machine, paper_step, summarize, time_alternating, write_json  # noqa: E402
 
 from dgl_jax.data import Dataset  # noqa: E402
 from dgl_jax.host import keep_freed_memory  # noqa: E402
@@ -77,12 +77,7 @@ def epoch_vs_step(args: argparse.Namespace) -> dict:
         assert event.steps == args.steps
         return event.state.stages
 
-    times = {"pure": [], "epoch": []}
-    for r in range(args.warmup + args.repeats):
-        for name, fn in (("pure", pure), ("epoch", epoch)):
-            t = time_call(fn)
-            if r >= args.warmup:
-                times[name].append(t)
+    times = time_alternating({"pure": pure, "epoch": epoch}, args.repeats, args.warmup)
     out = {
         name: {**summarize(ts), "images_per_s": args.steps * args.batch / summarize(ts)["median_s"]}
         for name, ts in times.items()

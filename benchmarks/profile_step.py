@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
-from common import machine, paper_stages, summarize, time_call, write_json  # noqa: E402
+from common import machine, paper_stages, summarize, time_alternating, write_json  # noqa: E402
 
 from dgl_jax import dgl_step  # noqa: E402
 from dgl_jax.host import keep_freed_memory  # noqa: E402
@@ -72,6 +72,7 @@ def jax_parts(stage, state, x: jax.Array, y: jax.Array) -> tuple[dict, jax.Array
 def torch_parts(mod, opt, x, y) -> tuple[dict, object]:
     """The same parts in PyTorch for one stage (``mod``: ``ModuleDict`` of block ``b`` and head ``h``)."""
     import torch
+    from vs_pytorch import torch_local_update
 
     ce = torch.nn.functional.cross_entropy
     h = mod["b"](x).detach()
@@ -89,13 +90,7 @@ def torch_parts(mod, opt, x, y) -> tuple[dict, object]:
         loss.backward()
         return loss.detach()
 
-    def local_update():
-        out = mod["b"](x)
-        loss = ce(mod["h"](out), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return out.detach()
+    local_update = functools.partial(torch_local_update, mod, opt, x, y)
 
     local_update()  # gradients exist from here on, for the optimizer part
 
@@ -149,12 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             fns.update({("torch", k, part): fn for part, fn in parts.items()})
         fns[("torch", "all", "dgl_step")] = build_torch(args, "dgl", channels_last=True, compiled=False)
 
-    times = {key: [] for key in fns}
-    for rep in range(args.warmup + args.repeats):
-        for key, fn in fns.items():
-            t = time_call(fn)
-            if rep >= args.warmup:
-                times[key].append(t)
+    times = time_alternating(fns, args.repeats, args.warmup)
     med = {key: summarize(v) for key, v in times.items()}
     step_s = med[("jax", "all", "dgl_step")]["median_s"]
     rows = []

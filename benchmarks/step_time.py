@@ -4,17 +4,20 @@
     python benchmarks/step_time.py --tiny                # seconds; used by the tests
 
 Both steps are jitted once (states donated), then timed alternately (dgl, backprop, dgl, ...) so that machine
-noise hits both alike; the JSON holds medians and quartiles, the ratio is printed last.
+noise hits both alike; the JSON holds medians and quartiles, the ratio is printed last. It also holds each
+step's host cost over a few more calls (``getrusage``: minor page faults and system CPU seconds per step),
+which ``dgl_jax.host.keep_freed_memory`` (on unless ``--malloc default``, as in the CLI) is there to remove.
 """
 
 from __future__ import annotations
 
 import argparse
+import resource
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, paper_step, summarize, time_call, write_json  # noqa: E402
+from common import machine, paper_step, summarize, time_alternating, time_call, write_json  # noqa: E402
 
 from dgl_jax.host import keep_freed_memory  # noqa: E402
 
@@ -47,6 +50,18 @@ def build(method: str, args: argparse.Namespace):
     return compiled, states, x, y, memory
 
 
+def host_cost(call, steps: int) -> dict[str, float]:
+    """Minor page faults and system CPU seconds of this process per ``call()`` (each run to completion)."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    for _ in range(steps):
+        time_call(call)
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    return {
+        "minor_faults_per_step": (after.ru_minflt - before.ru_minflt) / steps,
+        "system_s_per_step": (after.ru_stime - before.ru_stime) / steps,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="cnn4")
@@ -59,32 +74,33 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--out", default="benchmarks/results/step_time.json")
+    p.add_argument("--malloc", choices=["keep", "default"], default="keep", help="as the CLI's --malloc")
     p.add_argument("--tiny", action="store_true", help="small model and batch: checks the script runs")
     args = p.parse_args(argv)
-    malloc_kept = keep_freed_memory()  # as python -m dgl_jax train does
+    malloc_kept = args.malloc == "keep" and keep_freed_memory()  # as python -m dgl_jax train does
     if args.tiny:
         args.model, args.split, args.batch, args.size, args.channels = "small_cnn", 3, 8, 8, 1
         args.repeats, args.warmup = 3, 1
 
-    runs = {}
+    runs, calls = {}, {}
     for method in ("dgl", "backprop"):
         compiled, states, x, y, memory = build(method, args)
-        runs[method] = {"step": compiled, "states": states, "x": x, "y": y, "memory": memory, "times": []}
-    for r in range(args.warmup + args.repeats):
-        for run in runs.values():
+        runs[method] = {"step": compiled, "states": states, "x": x, "y": y, "memory": memory}
 
-            def call(run=run):
-                run["states"], metrics = run["step"](run["states"], run["x"], run["y"])
-                return metrics
+        def call(run=runs[method]):
+            run["states"], metrics = run["step"](run["states"], run["x"], run["y"])
+            return metrics
 
-            t = time_call(call)
-            if r >= args.warmup:
-                run["times"].append(t)
+        calls[method] = call
+    for method, times in time_alternating(calls, args.repeats, args.warmup).items():
+        runs[method]["times"] = times
+    for method, call in calls.items():
+        runs[method]["host"] = host_cost(call, 5)
     result = {
         "benchmark": "step_time",
         "config": {k: v for k, v in vars(args).items() if k != "out"},
         "machine": machine(malloc_kept),
-        **{m: {**summarize(run["times"]), "memory": run["memory"]} for m, run in runs.items()},
+        **{m: {**summarize(run["times"]), "memory": run["memory"], "host": run["host"]} for m, run in runs.items()},
     }
     result["ratio_dgl_over_backprop"] = result["dgl"]["median_s"] / result["backprop"]["median_s"]
     for name in ("peak", "temp", "footprint"):
@@ -97,7 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
             f"{m:9s} median {result[m]['median_s'] * 1e3:8.1f} ms  "
             f"(q1 {result[m]['q1_s'] * 1e3:.1f}, q3 {result[m]['q3_s'] * 1e3:.1f})  "
             f"footprint {result[m]['memory']['footprint_bytes'] / 2**20:.1f} MiB "
-            f"(temporaries {result[m]['memory']['temp_bytes'] / 2**20:.1f} MiB)"
+            f"(temporaries {result[m]['memory']['temp_bytes'] / 2**20:.1f} MiB), per step "
+            f"{result[m]['host']['minor_faults_per_step']:.0f} page faults, "
+            f"{result[m]['host']['system_s_per_step']:.3f} s system time"
         )
     print(f"memory footprint ratio dgl/backprop: {result['footprint_memory_ratio_dgl_over_backprop']:.3f}")
     print(f"step time ratio dgl/backprop: {result['ratio_dgl_over_backprop']:.3f}")

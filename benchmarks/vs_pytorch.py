@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CONV_VARIANTS, conv_variant, machine, paper_step, summarize, time_call, write_json  # noqa: E402
+from common import CONV_VARIANTS, conv_variant, machine, paper_step, summarize, time_alternating, time_call, write_json  # noqa: E402
 
 from dgl_jax.host import keep_freed_memory  # noqa: E402
 
@@ -100,6 +100,19 @@ def torch_stages(args, method, channels_last):
     return mods, opts, x, y
 
 
+def torch_local_update(m, opt, h, y):
+    """One DGL local update in PyTorch of stage ``m`` (``ModuleDict`` of block ``b`` and head ``h``) on input
+    ``h``: forward, cross-entropy of the head, backward, optimizer step; returns the detached block output."""
+    import torch
+
+    out = m["b"](h)
+    loss = torch.nn.functional.cross_entropy(m["h"](out), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return out.detach()
+
+
 def build_torch(args, method, channels_last, compiled):
     import torch
 
@@ -107,16 +120,7 @@ def build_torch(args, method, channels_last, compiled):
     ce = torch.nn.functional.cross_entropy
 
     if method == "dgl":
-
-        def local_update(m, opt, h):
-            out = m["b"](h)
-            loss = ce(m["h"](out), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            return out.detach()
-
-        fns = [functools.partial(local_update, m, o) for m, o in zip(mods, opts, strict=True)]
+        fns = [lambda h, m=m, o=o: torch_local_update(m, o, h, y) for m, o in zip(mods, opts, strict=True)]
         if compiled:
             fns = [torch.compile(f) for f in fns]
 
@@ -204,12 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
         variants[f"jax_{method}"] = build_jax(args, method)
         for conv in args.jax_convs:
             variants[f"jax_{conv}_{method}"] = build_jax(args, method, conv)
-    times = {k: [] for k in variants}
-    for r in range(args.warmup + args.repeats):
-        for name, fn in variants.items():
-            t = time_call(fn)
-            if r >= args.warmup:
-                times[name].append(t)
+    times = time_alternating(variants, args.repeats, args.warmup)
     result = {
         "benchmark": "vs_pytorch",
         "config": {k: v for k, v in vars(args).items() if k != "out"},

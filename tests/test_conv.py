@@ -1,6 +1,7 @@
 """dgl_jax.conv: Winograd and direct convolutions against lax.conv_general_dilated, and the algorithm choice."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -119,3 +120,67 @@ def test_strided_grouped_and_dilated_convolutions_are_xla_own():
     assert conv._nhwc_unit_pads(x, w, (1, 1), "SAME", None, None, DN, 2) is None
     nchw = jax.ShapeDtypeStruct((2, 16, 8, 8), jnp.float32)
     assert conv._nhwc_unit_pads(nchw, w, (1, 1), "SAME", None, None, ("NCHW", "HWIO", "NCHW"), 1) is None
+
+
+# the direct path (shapes below the Winograd size, or not 3x3)
+CONV_CASES = [  # x shape, kernel shape, padding (kh*kw*C_in <= 32: patches kernel gradient, else per tap)
+    ((2, 6, 6, 3), (3, 3, 3, 4), ((1, 1), (1, 1))),
+    ((2, 6, 6, 8), (3, 3, 8, 4), ((1, 1), (1, 1))),
+    ((2, 5, 6, 8), (3, 3, 8, 4), ((0, 2), (2, 1))),
+    ((2, 5, 5, 6), (1, 1, 6, 4), ((0, 0), (0, 0))),
+    ((2, 5, 5, 6), (1, 1, 6, 4), "SAME"),
+    ((2, 7, 5, 4), (5, 5, 4, 3), ((2, 2), (2, 2))),
+    ((1, 6, 6, 2), (3, 3, 2, 5), ((0, 2), (1, 0))),
+    ((2, 6, 6, 3), (3, 3, 3, 4), "SAME"),
+    ((2, 6, 6, 3), (3, 3, 3, 4), "VALID"),
+]
+
+
+@pytest.mark.parametrize("xs, ws, padding", CONV_CASES)
+def test_conv_general_dilated_equals_lax_values_and_gradients(xs, ws, padding):
+    x, w = normal(0, xs), normal(1, ws)
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def loss(f, x, w):
+        y = f(x, w, (1, 1), padding, dimension_numbers=dn)
+        return jnp.sum(jnp.sin(y)), y
+
+    (_, y), grads = jax.jit(
+        jax.value_and_grad(lambda x, w: loss(conv.conv_general_dilated, x, w), (0, 1), has_aux=True)
+    )(x, w)
+    (_, y_ref), grads_ref = jax.value_and_grad(
+        lambda x, w: loss(jax.lax.conv_general_dilated, x, w), (0, 1), has_aux=True
+    )(x, w)
+    chex.assert_trees_all_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    chex.assert_trees_all_close(grads, grads_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_conv_general_dilated_under_vmap_and_bfloat16():
+    x, w = normal(0, (3, 2, 6, 6, 4)), normal(1, (3, 3, 3, 4, 8))
+    dn = ("NHWC", "HWIO", "NHWC")
+
+    def grads(f, x, w):
+        return jax.grad(lambda x, w: jnp.sum(f(x, w, (1, 1), "SAME", dimension_numbers=dn) ** 2), (0, 1))(x, w)
+
+    batched = jax.jit(jax.vmap(lambda x, w: grads(conv.conv_general_dilated, x, w)))(x, w)
+    chex.assert_trees_all_close(
+        batched, jax.vmap(lambda x, w: grads(jax.lax.conv_general_dilated, x, w))(x, w), rtol=1e-5, atol=1e-4
+    )
+    xb, wb = x[0].astype(jnp.bfloat16), w[0].astype(jnp.bfloat16)
+    gb = grads(conv.conv_general_dilated, xb, wb)
+    chex.assert_trees_all_equal_dtypes(gb, (xb, wb))
+    chex.assert_trees_all_close(
+        jax.tree.map(lambda a: a.astype(jnp.float32), gb),
+        grads(jax.lax.conv_general_dilated, x[0], w[0]),
+        rtol=0.05,
+        atol=0.5,
+    )
+
+
+def test_conv_module_has_flax_conv_parameters():
+    x = jnp.ones((1, 5, 5, 3))
+    ours = conv.Conv(4, (3, 3), padding=1).init(jax.random.key(0), x)
+    theirs = nn.Conv(4, (3, 3), padding=1).init(jax.random.key(0), x)
+    chex.assert_trees_all_equal(ours, theirs)
+    y = conv.Conv(4, (3, 3), strides=2, padding=1).apply(ours, x)  # strided: lax's own path
+    chex.assert_shape(y, (1, 3, 3, 4))
