@@ -240,7 +240,9 @@ def _winograd_fwd(x: jax.Array, w: jax.Array, padding: Pads, m: int):
     v = _input_transform(jnp.pad(x, ((0, 0), *tiling.pads, (0, 0))), m, th, tw)
     u = _kernel_transform(w, m)
     y = _output_transform(_batched_dot(v, u, (2, 1)), m, x.shape[0], th, tw)[:, :ho, :wo]
-    return y, (v, u, x.shape)
+    # Materialise y: fused into its consumers (BatchNorm's statistics and normalisation), XLA would compute the
+    # output transform once per consumer; about 4 ms of a 22 ms conv-BN-ReLU forward on 2 vCPUs.
+    return jax.lax.optimization_barrier(y), (v, u, x.shape)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -264,7 +266,7 @@ def _winograd_bwd(padding: Pads, m: int, res, dy: jax.Array):
     dw = jnp.einsum("ai,abcd,bj->ijcd", g, du, g)
     dxp = _input_transform_t(_batched_dot(dprod, u, (2, 2)), m, th, tw)
     dx = dxp[:, pads[0][0] : pads[0][0] + xshape[1], pads[1][0] : pads[1][0] + xshape[2]]
-    return dx, dw
+    return jax.lax.optimization_barrier(dx), dw
 
 
 winograd_conv.defvjp(_winograd_fwd, _winograd_bwd)

@@ -169,12 +169,9 @@ def test_conv_general_dilated_under_vmap_and_bfloat16():
     xb, wb = x[0].astype(jnp.bfloat16), w[0].astype(jnp.bfloat16)
     gb = grads(conv.conv_general_dilated, xb, wb)
     chex.assert_trees_all_equal_dtypes(gb, (xb, wb))
-    chex.assert_trees_all_close(
-        jax.tree.map(lambda a: a.astype(jnp.float32), gb),
-        grads(jax.lax.conv_general_dilated, x[0], w[0]),
-        rtol=0.05,
-        atol=0.5,
-    )
+    # bfloat16 inputs and products: errors scale with the gradient's magnitude (1% of its largest entry).
+    for got, want in zip(gb, grads(jax.lax.conv_general_dilated, x[0], w[0]), strict=True):
+        np.testing.assert_allclose(got.astype(jnp.float32), want, rtol=0.05, atol=0.01 * float(jnp.abs(want).max()))
 
 
 def test_conv_module_has_flax_conv_parameters():

@@ -95,3 +95,52 @@ def test_mlp_sr_widths_follow_paper():
     chex.assert_shape(p["Conv_0"]["kernel"], (1, 1, 32, 32))
     chex.assert_shape(p["Dense_0"]["kernel"], (4 * 32, 4 * 32))
     chex.assert_shape(p["Dense_3"]["kernel"], (4 * 32, 10))
+
+
+@pytest.mark.parametrize(
+    "shape,dtype", [((8, 5, 5, 3), jnp.float32), ((16, 7), jnp.float32), ((8, 4, 4, 6), jnp.bfloat16)]
+)
+@pytest.mark.parametrize("train", [True, False])
+def test_batchnorm_matches_flax(shape, dtype, train):
+    """Same variables, outputs, running statistics and (up to rounding) gradients as flax's BatchNorm."""
+    import flax.linen as nn
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(1.0, 2.0, shape), dtype)
+    r = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    c = shape[-1]
+    ours = layers.BatchNorm(use_running_average=not train, dtype=dtype)
+    ref = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, dtype=dtype)
+    chex.assert_trees_all_equal(ours.init(jax.random.key(0), x), ref.init(jax.random.key(0), x))
+    variables = {
+        "params": {"scale": jnp.linspace(0.5, 2.0, c), "bias": jnp.linspace(-1.0, 1.0, c)},
+        "batch_stats": {"mean": jnp.linspace(0.0, 1.0, c), "var": jnp.linspace(1.0, 2.0, c)},
+    }
+
+    def loss(module, v, x):
+        y, stats = module.apply(v, x, mutable=["batch_stats"])
+        return jnp.vdot(y.astype(jnp.float32), r), (y, stats)
+
+    (_, (y, stats)), grads = jax.value_and_grad(lambda v, x: loss(ours, v, x), (0, 1), has_aux=True)(variables, x)
+    (_, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(lambda v, x: loss(ref, v, x), (0, 1), has_aux=True)(
+        variables, x
+    )
+    chex.assert_trees_all_equal(y, y_ref)
+    chex.assert_trees_all_equal(stats, stats_ref)
+    tol = 2e-2 if dtype == jnp.bfloat16 else 2e-5
+    chex.assert_trees_all_close(grads, grads_ref, rtol=tol, atol=tol)
+
+
+def test_batch_norm_gradient_matches_autodiff_of_its_formula():
+    x = jax.random.normal(jax.random.key(0), (4, 6, 6, 5)) * 3.0 + 1.0
+    scale, bias = jnp.linspace(0.5, 1.5, 5), jnp.linspace(-0.2, 0.2, 5)
+    r = jax.random.normal(jax.random.key(1), x.shape)
+
+    def formula(x, scale, bias):
+        mean, var = x.mean((0, 1, 2)), x.var((0, 1, 2))
+        return (x - mean) * jax.lax.rsqrt(var + 1e-5) * scale + bias
+
+    got = jax.grad(lambda *a: jnp.vdot(jax.nn.relu(layers.batch_norm(*a)), r), (0, 1, 2))(x, scale, bias)
+    want = jax.grad(lambda *a: jnp.vdot(jax.nn.relu(formula(*a)), r), (0, 1, 2))(x, scale, bias)
+    chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_equal_shapes_and_dtypes(got, (x, scale, bias))
