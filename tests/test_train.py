@@ -74,8 +74,9 @@ def test_dgl_step_equals_independent_per_stage_updates():
     for j, (stage, st) in enumerate(zip(stages, states)):
         (loss, out), g = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)(stage, st.params, st.batch_stats, x, Y)
         upd, opt = stage.tx.update(g, st.opt_state, st.params)
-        chex.assert_trees_all_close(new_states[j].params, optax.apply_updates(st.params, upd), rtol=1e-5, atol=1e-6)
-        chex.assert_trees_all_close(new_states[j].opt_state, opt, rtol=1e-5, atol=1e-6)
+        # jitted vs eager rounding: gradients agree to ~1e-6 absolute (both ~1.5e-7 of scale from float64)
+        chex.assert_trees_all_close(new_states[j].params, optax.apply_updates(st.params, upd), rtol=1e-5, atol=5e-6)
+        chex.assert_trees_all_close(new_states[j].opt_state, opt, rtol=1e-5, atol=5e-6)
         chex.assert_trees_all_close(new_states[j].batch_stats, out.batch_stats, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(metrics.loss[j], loss, rtol=1e-5)
         assert int(new_states[j].step) == 1
