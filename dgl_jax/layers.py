@@ -43,7 +43,8 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float =
     ``(x - mean) * rsqrt(var + epsilon) * scale + bias``, ``scale``/``bias`` ``[C]``, computed in float32 and
     returned in ``x.dtype``. Its gradient is the closed form ``scale * inv * (dy - mean(dy) - xhat *
     mean(dy * xhat))`` (``inv = rsqrt(var + epsilon)``, ``xhat = (x - mean) * inv``), two reductions and one
-    elementwise pass: about half the time of the autodiff gradient on CPU (``benchmarks/profile_step.py``)."""
+    elementwise pass. With a ReLU after it, on a ``[128, 32, 32, 64]`` float32 input on 2 vCPUs: 10 ms against
+    14 ms for flax BatchNorm's autodiff gradient and 29 ms for autodiff of the two-pass formula."""
     return _batch_norm_fwd(x, scale, bias, epsilon)[0]
 
 
