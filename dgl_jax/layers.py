@@ -48,11 +48,15 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float =
     return _batch_norm_fwd(x, scale, bias, epsilon)[0]
 
 
+def _normalize(x, mean, inv, scale, bias):
+    """``(x - mean) * (inv * scale) + bias`` in float32 (flax's order of operations)."""
+    return (x.astype(jnp.float32) - mean) * (inv * scale) + bias
+
+
 def _batch_norm_fwd(x, scale, bias, epsilon):
     mean, var = batch_stats(x)
     inv = jax.lax.rsqrt(var + epsilon)
-    y = (x.astype(jnp.float32) - mean) * (inv * scale) + bias
-    return y.astype(x.dtype), (x, mean, inv, scale)
+    return _normalize(x, mean, inv, scale, bias).astype(x.dtype), (x, mean, inv, scale)
 
 
 def _batch_norm_bwd(epsilon, res, dy):
@@ -91,10 +95,9 @@ class BatchNorm(nn.Module):
         ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
         dtype = self.dtype or jnp.result_type(x, jnp.float32)
         if self.use_running_average:
-            inv = jax.lax.rsqrt(ra_var.value + self.epsilon)
-            y = (x.astype(jnp.float32) - ra_mean.value) * (inv * scale) + bias
-            return y.astype(dtype)
+            return _normalize(x, ra_mean.value, jax.lax.rsqrt(ra_var.value + self.epsilon), scale, bias).astype(dtype)
         if not self.is_initializing():
+            # the same reductions as inside batch_norm: XLA's CSE computes them once (checked in the HLO)
             mean, var = jax.lax.stop_gradient(batch_stats(x))
             ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
             ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
