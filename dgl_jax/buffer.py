@@ -5,7 +5,7 @@ The state is a :class:`BufferState` (a NamedTuple of arrays, so it lives inside 
 
     buf = buffer.init(capacity, (features, labels))       # example: ONE batch, any pytree (VQ codes too)
     buf = buffer.push(buf, (x, y), tick=t)                 # overwrites the oldest slot when full
-    (x, y), valid, buf = buffer.sample(buf, key, policy="priority_lifo", max_reuse=None)
+    (x, y), valid, buf = buffer.sample(buf, policy="priority_lifo", max_reuse=None, key=key)
 
 ``valid`` is False when nothing can be sampled (empty buffer, every slot already used ``max_reuse`` times,
 or, with ``now``/``delay``, nothing old enough yet): the consumer then skips its turn; the returned item is
@@ -69,7 +69,7 @@ def check_max_reuse(max_reuse: int | None) -> int | None:
 
 def init(capacity: int, example: PyTree) -> BufferState:
     """An empty buffer of ``capacity`` slots, each shaped like ``example`` (one batch; any pytree of arrays,
-    e.g. ``(features [B, H, W, C] float32, labels [B] int32)`` or integer VQ codes)."""
+    e.g. ``(wire, targets)``: float features, or packed VQ codes with their codebook)."""
     if not isinstance(capacity, int) or capacity < 1:
         raise ValueError(f"buffer capacity must be an int >= 1, got {capacity!r}")
     items = jax.tree.map(lambda a: jnp.zeros((capacity, *jnp.shape(a)), jnp.asarray(a).dtype), example)
@@ -131,11 +131,11 @@ def can_sample(
 
 def select(
     state: BufferState,
-    key: jax.Array | None = None,
     policy: str = "priority_lifo",
     max_reuse: int | None = None,
     now: jax.Array | int | None = None,
     delay: int = 0,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """The slot ``policy`` picks and whether it is valid: ``(index int32, valid bool)``; index 0 if invalid."""
     check_policy(policy)
@@ -168,17 +168,17 @@ def read(state: BufferState, index: jax.Array, valid: Any = True) -> tuple[PyTre
 
 def sample(
     state: BufferState,
-    key: jax.Array | None = None,
     policy: str = "priority_lifo",
     max_reuse: int | None = None,
     now: jax.Array | int | None = None,
     delay: int = 0,
+    key: jax.Array | None = None,
 ) -> tuple[PyTree, jax.Array, BufferState]:
     """Samples one batch by ``policy``: returns ``(item, valid, new_state)`` (see the module docstring).
 
     ``max_reuse``: a slot read that many times is no longer eligible (None: unlimited). ``now``/``delay``:
     only items pushed with ``tick <= now - delay`` are eligible.
     """
-    idx, valid = select(state, key, policy, max_reuse, now, delay)
+    idx, valid = select(state, policy, max_reuse, now, delay, key)
     item, new_state = read(state, idx, valid)
     return item, valid, new_state

@@ -3,7 +3,7 @@
 Run folder (``--out``, default ``runs/<dataset>-<model>-<method>-<time>``)::
 
     config.json          the resolved TrainConfig (``--resume`` reads it back)
-    run.json             how it was started: command line, preset, versions, devices
+    run.json             how it was started: command line, preset, plugins (--import), versions, devices
     metrics.jsonl        one JSON line per logged chunk per stage ("train") and per epoch per stage ("eval")
     summary.json         final per-stage accuracies, status (completed / interrupted), timings
     learning_curves.png  per-stage test accuracy vs epoch
@@ -24,11 +24,11 @@ import math
 import os
 import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from dgl_jax.files import json_clean, save_figure, write_atomic, write_json
 from dgl_jax.host import keep_freed_memory
 
 EXIT_BAD_INPUT = 2
@@ -148,18 +148,53 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument(
+        "--import",
+        dest="imports",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="import MODULE first (repeatable; the current folder is on the path): a plugin that registers "
+        "models (dgl_jax.register_model) or methods, then usable with --model / --method",
+    )
+    p.add_argument(
         "--compilation-cache",
-        default=os.environ.get("DGL_JAX_CACHE_DIR", os.path.expanduser("~/.cache/dgl_jax/jax")),
-        help="persistent XLA compilation cache folder, or 'off' (default ~/.cache/dgl_jax/jax or $DGL_JAX_CACHE_DIR)",
+        default=None,
+        help="persistent XLA compilation cache folder, or 'off' (default ~/.cache/dgl_jax/jax or $DGL_JAX_CACHE_DIR; "
+        "process-wide: applied by default only when run as a program, not from dgl_jax.cli.main(argv))",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
         "--malloc",
         choices=["keep", "default"],
-        default="keep",
+        default=None,
         help="keep: glibc keeps freed host memory for reuse (no page faults on every step's XLA buffers; "
-        "dgl_jax.host.keep_freed_memory); default: glibc's own settings",
+        "dgl_jax.host.keep_freed_memory); default: glibc's own settings. Process-wide: 'keep' is the default "
+        "only when run as a program, not from dgl_jax.cli.main(argv)",
     )
+
+
+def import_plugins(modules: list[str]) -> None:
+    """Imports each of ``modules`` (the current folder on ``sys.path``); a failure is a one-line UsageError."""
+    import importlib
+
+    if modules and not ({"", os.getcwd()} & set(sys.path)):
+        sys.path.insert(0, os.getcwd())
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except Exception as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise UsageError(f"--import {name}: {type(e).__name__}" + (f": {first}" if first else "")) from None
+
+
+def _imports_hint(run_dir: Path, given: list[str]) -> str:
+    """A note naming the ``--import`` s that ``run.json`` records but were not given now ('' if none)."""
+    try:
+        recorded = json.loads((Path(run_dir) / "run.json").read_text()).get("imports") or []
+    except (OSError, ValueError, AttributeError):
+        return ""
+    missing = [m for m in recorded if m not in given]
+    return f" (the run was trained with {' '.join('--import ' + m for m in missing)})" if missing else ""
 
 
 def setup_compilation_cache(path: str) -> str | None:
@@ -175,40 +210,8 @@ def setup_compilation_cache(path: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Files
+# Files (writers in dgl_jax.files; write_atomic / write_json re-exported here)
 # ----------------------------------------------------------------------------------------------------------
-def write_atomic(path: Path, data: str | bytes) -> None:
-    """Writes ``data`` to ``path`` through a temporary file in the same folder and ``os.replace``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data.encode() if isinstance(data, str) else data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def _clean(x: Any) -> Any:
-    """NaN/inf become ``null`` so the files are strict JSON."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {k: _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
-def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(_clean(obj), indent=2) + "\n")
-
-
 def read_metrics(run_dir: Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
@@ -237,14 +240,10 @@ def plot_learning_curves(run_dir: Path, title: str = "") -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out = Path(run_dir) / "learning_curves.png"
-    fd, tmp = tempfile.mkstemp(dir=run_dir, prefix=".learning_curves.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, out)
-    return out
+    try:
+        return save_figure(fig, Path(run_dir) / "learning_curves.png")
+    finally:
+        plt.close(fig)
 
 
 def format_table(accuracy: list[float], ensemble: float, layers: list[tuple[str, ...]]) -> str:
@@ -330,7 +329,8 @@ def cmd_train(args: argparse.Namespace, t_start: float) -> int:
     try:
         trainer = Trainer(config, log=notes.append)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
-        raise UsageError(str(e).splitlines()[0] if str(e) else type(e).__name__) from None
+        hint = _imports_hint(Path(args.resume), args.imports) if args.resume else ""
+        raise UsageError((str(e).splitlines()[0] if str(e) else type(e).__name__) + hint) from None
     if args.resume:
         run_dir = Path(args.resume).absolute()
     else:
@@ -373,6 +373,7 @@ def cmd_train(args: argparse.Namespace, t_start: float) -> int:
             {
                 "argv": sys.argv,
                 "preset": args.preset,
+                "imports": args.imports,
                 "jax": jax.__version__,
                 "devices": [str(d) for d in jax.devices()],
                 "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
@@ -432,7 +433,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
                     for name, v in ev.train.items():  # the method's other per-stage / scalar metrics
                         if name not in row:
                             row[name] = v[j] if isinstance(v, list) and len(v) == trainer.num_stages else v
-                    metrics_file.write(json.dumps(_clean(row)) + "\n")
+                    metrics_file.write(json.dumps(json_clean(row)) + "\n")
                 post = " ".join(
                     f"s{j + 1} {ev.train['loss'][j]:.3f}/{100 * ev.train['accuracy'][j]:.0f}%"
                     for j in range(trainer.num_stages)
@@ -446,7 +447,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
                     for j, (acc, loss) in enumerate(zip(ev.eval["accuracy"], ev.eval["loss"], strict=True)):
                         if math.isfinite(acc):
                             row = {"event": "eval", "epoch": ev.epoch + 1, "global_step": g, "stage": j}
-                            metrics_file.write(json.dumps(_clean({**row, "accuracy": acc, "loss": loss})) + "\n")
+                            metrics_file.write(json.dumps(json_clean({**row, "accuracy": acc, "loss": loss})) + "\n")
                     row = {"event": "eval", "epoch": ev.epoch + 1, "global_step": g, "stage": "ensemble"}
                     metrics_file.write(json.dumps({**row, "accuracy": ev.eval["ensemble"]}) + "\n")
                     accs = " ".join(
@@ -513,7 +514,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         state = trainer.init_state()
         tree, meta = Checkpointer(run / "checkpoints").restore(state_tree(state.stages, state.extra, state.key))
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, CheckpointError) as e:
-        raise UsageError(str(e).splitlines()[0]) from None
+        raise UsageError(str(e).splitlines()[0] + _imports_hint(run, args.imports)) from None
     del jax
     out = trainer.evaluate(tree["stages"], extra=tree["extra"])
     print(f"{run}: checkpoint at epoch {meta['epoch']} step {meta['step']}, {trainer.num_test} eval examples")
@@ -521,14 +522,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point: returns the exit code (0 ok, 2 bad input, 130 interrupted)."""
+def main(argv: list[str] | None = None, *, process_settings: bool | None = None) -> int:
+    """Entry point: returns the exit code (0 ok, 2 bad input, 130 interrupted).
+
+    ``process_settings``: apply the process-wide defaults (``--malloc keep``, the persistent compilation
+    cache); None means only when running as the program (``argv`` None: ``python -m dgl_jax``, ``dgl-jax``).
+    Called from another program, ``main(argv)`` leaves them alone unless ``--malloc`` / ``--compilation-cache``
+    are given: explicit flags always apply."""
     t_start = time.perf_counter()
+    if process_settings is None:
+        process_settings = argv is None
     try:
         args = build_parser().parse_args(argv)
-        if args.malloc == "keep":
+        malloc = args.malloc or ("keep" if process_settings else "default")
+        cache = args.compilation_cache
+        if cache is None and process_settings:
+            cache = os.environ.get("DGL_JAX_CACHE_DIR", os.path.expanduser("~/.cache/dgl_jax/jax"))
+        if malloc == "keep":
             keep_freed_memory()
-        setup_compilation_cache(args.compilation_cache)
+        if cache is not None:
+            setup_compilation_cache(cache)
+        import_plugins(args.imports)  # before the config is resolved: plugins register models / methods
         if args.command == "train":
             return cmd_train(args, t_start)
         return cmd_eval(args)

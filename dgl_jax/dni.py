@@ -11,7 +11,6 @@ space) to the synthesizer. The paper's synthesizer: 3 conv5x5 128 layers, the la
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import flax.linen as nn
 import jax
@@ -19,8 +18,9 @@ import jax.numpy as jnp
 import optax
 
 from dgl_jax.layers import Conv
-from dgl_jax.objective import accuracy, cross_entropy, message_specs
-from dgl_jax.stage import Stage, StageState, drop_aux_heads, init_stage_states
+from dgl_jax.losses import accuracy
+from dgl_jax.objective import stage_apply
+from dgl_jax.stage import Stage, StageState, init_stage_states, message_specs
 
 
 class Synthesizer(nn.Module):
@@ -87,34 +87,27 @@ def init_dni(
     return states, init_synthesizers(synths, k2, message_specs(stages, states, example))
 
 
-class DNIMetrics(NamedTuple):
-    """``loss``/``accuracy`` of the last head (scalars) and ``synth_loss`` ``[K-1]``: each synthesizer's
-    mean squared error against the gradient it regresses."""
-
-    loss: jax.Array
-    accuracy: jax.Array
-    synth_loss: jax.Array
-
-
 def _block_fn(stage: Stage, state: StageState):
     """``(params, x) -> (h, batch_stats)`` of the stage's block in train mode."""
 
     def fn(params, x):
-        h, new = stage.module.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            x,
-            True,
-            method=stage.module.features,
-            mutable=["batch_stats"],
-        )
-        return h, new.get("batch_stats", {})
+        variables = {"params": params, **state.model_state}
+        if not state.model_state:
+            return stage.module.apply(variables, x, True, method=stage.module.features), {}
+        h, new = stage.module.apply(variables, x, True, method=stage.module.features, mutable=list(state.model_state))
+        return h, dict(new)
 
     return fn
 
 
-def _update(stage: Stage, state: StageState, grads, batch_stats) -> StageState:
+def _update(stage: Stage, state: StageState, grads, model_state) -> StageState:
     updates, opt_state = stage.tx.update(grads, state.opt_state, state.params)
-    return StageState(optax.apply_updates(state.params, updates), batch_stats, opt_state, state.step + 1)
+    return state._replace(
+        params=optax.apply_updates(state.params, updates),
+        model_state=model_state,
+        opt_state=opt_state,
+        step=state.step + 1,
+    )
 
 
 def dni_step(
@@ -124,10 +117,12 @@ def dni_step(
     synth_states: Sequence[StageState],
     x: jax.Array,
     labels: jax.Array,
-) -> tuple[list[StageState], list[StageState], DNIMetrics]:
+) -> tuple[list[StageState], list[StageState], dict[str, jax.Array]]:
     """One DNI (or cDNI, by the synthesizers) step on ``x: [batch, H, W, C]``: every block updates with its
-    synthetic gradient (the last stage with the true loss), every synthesizer with its regression loss.
-    All quantities use pre-update parameters, as if the stages ran concurrently."""
+    synthetic gradient (the last stage with its ``loss_fn``), every synthesizer with its regression loss.
+    All quantities use pre-update parameters, as if the stages ran concurrently. Metrics (``[K]``, as every
+    step's): ``loss``/``accuracy`` of the last head (NaN for the others) and ``synth_loss`` of each
+    synthesizer (its mean squared error against the gradient it regresses; NaN for the last stage)."""
     if any(s.head is not None for s in stages[:-1]):
         raise ValueError("DNI stages have no auxiliary heads: pass drop_aux_heads(stages)")
     k = len(stages)
@@ -141,10 +136,8 @@ def dni_step(
     last, last_st = stages[-1], states[-1]
 
     def last_loss(params, inp):
-        (_, logits), new = last.module.apply(
-            {"params": params, "batch_stats": last_st.batch_stats}, inp, True, mutable=["batch_stats"]
-        )
-        return cross_entropy(logits, labels), (logits, new.get("batch_stats", {}))
+        out = stage_apply(last, params, last_st.model_state, inp, True)
+        return last.loss_fn(out.output, labels), (out.output, out.model_state)
 
     (loss, (logits, last_bs)), (g_last, g_in) = jax.value_and_grad(last_loss, argnums=(0, 1), has_aux=True)(
         last_st.params, h
@@ -173,7 +166,12 @@ def dni_step(
         sl, g = jax.value_and_grad(reg)(ss.params)
         new_synth.append(_update(s, ss, g, {}))
         synth_losses.append(sl)
-    metrics = DNIMetrics(loss, accuracy(logits, labels), jnp.stack(synth_losses) if synth_losses else jnp.zeros(0))
+    nan = jnp.full((k - 1,), jnp.nan, jnp.float32)
+    metrics = {
+        "loss": jnp.concatenate([nan, jnp.asarray(loss, jnp.float32)[None]]),
+        "accuracy": jnp.concatenate([nan, accuracy(logits, labels).astype(jnp.float32)[None]]),
+        "synth_loss": jnp.concatenate([jnp.stack(synth_losses) if synth_losses else nan, nan[:1]]),
+    }
     return new_states, new_synth, metrics
 
 
@@ -210,49 +208,3 @@ def _validate(config) -> None:
     for name in ("synth_width", "synth_depth", "synth_kernel"):
         if not int(o[name]) >= 1:
             raise ValueError(f"{name} {o[name]!r} is not valid; expected an integer >= 1")
-
-
-def register_methods() -> None:
-    """Registers ``dni`` and ``cdni`` in the trainer's method registry (options: :data:`SYNTH_OPTIONS`)."""
-    from dgl_jax.trainer import METHODS, Method, register_method
-
-    def make(conditional: bool):
-        def init_extra(stages, states, config, key, example):
-            synths = _synths_for(stages, config, conditional)
-            return {"synth": init_synthesizers(synths, key, message_specs(stages, states, example))}
-
-        def make_step(stages, config, phase, features):
-            synths = _synths_for(stages, config, conditional)
-
-            def step(states, extra, x, y, key):
-                states, synth, m = dni_step(stages, synths, states, extra["synth"], x, y)
-                k = len(stages)
-                nan = jnp.full((k - 1,), jnp.nan, jnp.float32)
-                metrics = {
-                    "loss": jnp.concatenate([nan, m.loss[None]]),
-                    "accuracy": jnp.concatenate([nan, m.accuracy[None]]),
-                    "synth_loss": jnp.concatenate([m.synth_loss, jnp.full((1,), jnp.nan, jnp.float32)]),
-                }
-                return states, {"synth": synth}, metrics
-
-            return step
-
-        return init_extra, make_step
-
-    for name, conditional, text in (
-        ("dni", False, "decoupled neural interfaces: blocks update from synthetic gradients (Jaderberg et al.)"),
-        ("cdni", True, "DNI with label-conditioned synthesizers"),
-    ):
-        if name in METHODS:
-            continue
-        init_extra, make_step = make(conditional)
-        register_method(
-            Method(
-                name,
-                text,
-                make_step,
-                prepare_stages=lambda stages, config: drop_aux_heads(stages),
-                init_extra=init_extra,
-                validate=_validate,
-            )
-        )

@@ -389,6 +389,25 @@ MODELS: dict[str, Callable[..., list[Stage]]] = {
 }
 
 
+def register_model(
+    name: str, builder: Callable[..., list[Stage]], *, replace: bool = False
+) -> Callable[..., list[Stage]]:
+    """Adds ``builder`` to :data:`MODELS` as ``name``; returns ``builder``. Then ``get_model(name)``,
+    ``TrainConfig(model=name)`` and ``python -m dgl_jax train --import MODULE --model name`` build it.
+
+    ``builder(**kwargs)`` returns the model's ``list[Stage]`` (without optimizer); the trainer passes
+    ``num_classes``, ``dtype`` and, when set, ``split`` and ``head``, plus ``--model-option`` values. A name
+    that is already registered is a ``ValueError`` unless ``replace=True``."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name {name!r} is not valid; expected a non-empty string")
+    if not callable(builder):
+        raise TypeError(f"model {name!r}: builder {builder!r} is not callable")
+    if name in MODELS and not replace:
+        raise ValueError(f"model {name!r} is already registered; pick another name or pass replace=True")
+    MODELS[name] = builder
+    return builder
+
+
 def get_model(name: str, **kwargs: Any) -> list[Stage]:
     """Builds a zoo model by name (one of :data:`MODELS`) with keyword overrides (``split``, ``head``,
     ``width_mult``, ...); an option the model does not take is a ``ValueError`` naming it."""

@@ -1,8 +1,13 @@
 """The greedy objective as plain functions over parameters and inputs, usable from any JAX code.
 
-``stage_loss`` is stage j's local loss ``CE(h_j(f_j(x)), y)`` with its input ``x`` treated as a constant;
-``greedy_loss`` sums it over the stages with ``stop_gradient`` between them, so ``jax.grad(greedy_loss)``
-is exactly the list of per-stage local gradients: no gradient crosses a stage.
+``stage_loss`` is stage j's local loss ``loss_fn_j(h_j(f_j(x)), targets)`` with its input ``x`` treated as
+a constant; ``greedy_loss`` sums it over the stages with ``stop_gradient`` between them (and each
+boundary's codec: stage j+1 reads ``decode(encode(x_j))``), so ``jax.grad(greedy_loss)`` is exactly the
+list of per-stage local gradients: no gradient crosses a stage.
+
+Randomness: ``key`` (last argument; ``None``: deterministic) reaches the stochastic layers of every stage;
+stage j uses ``fold_in(key, j)``, split as ``fold_in(., 0)`` for its layers and ``fold_in(., 1)`` for its
+codec, the same derivation as :func:`dgl_jax.steps.dgl_step`.
 """
 
 from __future__ import annotations
@@ -10,90 +15,126 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import flax
 import jax
 import jax.numpy as jnp
-import optax
 
-from dgl_jax.stage import Stage
+from dgl_jax.losses import accuracy, cross_entropy
+from dgl_jax.stage import Stage, decode_message, encode_message, message_specs
 
 PyTree = Any
+__all__ = ["StageOutput", "accuracy", "cross_entropy", "greedy_loss", "message_specs", "stage_apply", "stage_loss"]
 
 
 class StageOutput(NamedTuple):
-    """What a stage's forward pass produces: ``features`` ``[batch, H, W, C]`` (the message to the next
-    stage), ``logits`` ``[batch, classes]`` (float32) and the updated BatchNorm ``batch_stats``."""
+    """What a stage's forward pass produces: ``features`` (the message to the next stage, any pytree),
+    ``output`` (what the head returns, e.g. logits ``[batch, classes]``; ``None`` without head) and the
+    updated ``model_state`` (every mutable collection)."""
 
-    features: jax.Array
-    logits: jax.Array | None
-    batch_stats: PyTree
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of ``logits: [batch, classes]`` against integer ``labels: [batch]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    features: PyTree
+    output: PyTree
+    model_state: PyTree
 
 
-def stage_apply(stage: Stage, params: PyTree, batch_stats: PyTree, x: jax.Array, train: bool = True) -> StageOutput:
-    """Runs block and head of ``stage`` on ``x: [batch, H, W, C]``; BatchNorm in train mode when ``train``."""
-    variables = {"params": params, "batch_stats": batch_stats}
-    if train:
-        (h, logits), new = stage.module.apply(variables, x, True, mutable=["batch_stats"])
-        return StageOutput(h, logits, new.get("batch_stats", {}))
-    h, logits = stage.module.apply(variables, x, False)
-    return StageOutput(h, logits, batch_stats)
+def split_key(key: jax.Array | None) -> tuple[jax.Array | None, jax.Array | None]:
+    """``(layers key, codec key)`` of one stage's step: ``fold_in(key, 0)`` and ``fold_in(key, 1)``."""
+    if key is None:
+        return None, None
+    return jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
+
+
+def stage_key(key: jax.Array | None, j: int) -> jax.Array | None:
+    """Stage ``j``'s key of a multi-stage step: ``fold_in(key, j)``."""
+    return None if key is None else jax.random.fold_in(key, j)
+
+
+def stage_apply(
+    stage: Stage, params: PyTree, model_state: PyTree, x: PyTree, train: bool = True, key: jax.Array | None = None
+) -> StageOutput:
+    """Runs block and head of ``stage`` on ``x``; in train mode every mutable collection of ``model_state``
+    is updated (BatchNorm statistics, ...). ``key`` feeds the stage's RNG streams (dropout, ...)."""
+    variables = {"params": params, **model_state}
+    mutable = list(model_state) if train else False
+    try:
+        if mutable:
+            (h, out), new = stage.module.apply(variables, x, True, rngs=stage.rngs(key), mutable=mutable)
+            return StageOutput(h, out, dict(new))
+        h, out = stage.module.apply(variables, x, train, rngs=stage.rngs(key))
+    except flax.errors.InvalidRngError as e:
+        raise ValueError(
+            f"stage {stage.layers or type(stage.block).__name__} draws random numbers ({str(e).splitlines()[0][:80]}"
+            "...): pass key=... to the step or loss"
+        ) from None
+    return StageOutput(h, out, model_state)
 
 
 def stage_loss(
-    stage: Stage, params: PyTree, batch_stats: PyTree, x: jax.Array, labels: jax.Array, train: bool = True
+    stage: Stage,
+    params: PyTree,
+    model_state: PyTree,
+    x: PyTree,
+    targets: PyTree,
+    train: bool = True,
+    key: jax.Array | None = None,
 ) -> tuple[jax.Array, StageOutput]:
-    """Stage j's local loss ``CE(head(block(stop_gradient(x))), labels)`` and its :class:`StageOutput`.
-
-    The returned ``features`` are computed with the given (pre-update) ``params``.
-    """
+    """Stage j's local loss ``stage.loss_fn(head(block(stop_gradient(x))), targets)`` and its
+    :class:`StageOutput`. The returned ``features`` are computed with the given (pre-update) ``params``.
+    Raises ``ValueError`` when ``loss_fn`` does not return a scalar."""
     if stage.head is None:
         raise ValueError("stage_loss needs a stage with a head (this one was built by drop_aux_heads)")
-    out = stage_apply(stage, params, batch_stats, jax.lax.stop_gradient(x), train)
-    return cross_entropy(out.logits, labels), out
+    out = stage_apply(stage, params, model_state, jax.lax.stop_gradient(x), train, key)
+    loss = stage.loss_fn(out.output, targets)
+    if jnp.shape(loss) != ():
+        name = getattr(stage.loss_fn, "__name__", repr(stage.loss_fn))
+        raise ValueError(f"loss_fn {name} returned shape {tuple(jnp.shape(loss))}; a stage's loss must be a scalar")
+    return loss, out
+
+
+class GreedyOutput(NamedTuple):
+    """One stage's share of :func:`greedy_loss`: its ``loss``, :class:`StageOutput`, the ``wire`` it sent
+    (its codec's encoding of the features; ``None`` for the last stage) and its new ``codec_state``."""
+
+    loss: jax.Array
+    out: StageOutput
+    wire: PyTree
+    codec_state: PyTree
 
 
 def greedy_loss(
     stages: Sequence[Stage],
     params: Sequence[PyTree],
-    batch_stats: Sequence[PyTree],
-    x: jax.Array,
-    labels: jax.Array,
+    model_states: Sequence[PyTree],
+    x: PyTree,
+    targets: PyTree,
     train: bool = True,
-) -> tuple[jax.Array, list[tuple[jax.Array, StageOutput]]]:
-    """Sum of the K local losses on one batch, stage j+1 fed ``stop_gradient`` of stage j's features.
-
-    Returns ``(total, [(loss_j, StageOutput_j) for each stage])``. The gradient of ``total`` w.r.t. stage
-    j's params equals the gradient of ``loss_j`` alone.
-    """
-    if not len(stages) == len(params) == len(batch_stats):
-        raise ValueError(
-            f"got {len(stages)} stages, {len(params)} param trees and {len(batch_stats)} batch_stats trees"
-        )
+    codec_states: Sequence[PyTree] | None = None,
+    key: jax.Array | None = None,
+) -> tuple[jax.Array, list[GreedyOutput]]:
+    """Sum of the K local losses on one batch; stage j+1 reads ``decode(encode(stop_gradient(x_j)))``
+    through boundary j's codec (``codec_states``: one per stage, e.g. ``[s.codec for s in states]``;
+    ``None``: the stages' codecs are not used). Returns ``(total, [GreedyOutput for each stage])``. The
+    gradient of ``total`` w.r.t. stage j's params equals the gradient of ``loss_j`` alone. Carry
+    ``out.model_state`` (BatchNorm statistics) and ``codec_state`` into the next call."""
+    k = len(stages)
+    if not k == len(params) == len(model_states):
+        raise ValueError(f"got {k} stages, {len(params)} param trees and {len(model_states)} model states")
+    if codec_states is not None and len(codec_states) != k:
+        raise ValueError(f"got {len(codec_states)} codec states for {k} stages")
     total, per_stage = jnp.zeros((), jnp.float32), []
-    for stage, p, bs in zip(stages, params, batch_stats, strict=True):
-        loss, out = stage_loss(stage, p, bs, x, labels, train)
+    for j, (stage, p, ms) in enumerate(zip(stages, params, model_states, strict=True)):
+        k_layers, k_codec = split_key(stage_key(key, j))
+        try:
+            loss, out = stage_loss(stage, p, ms, x, targets, train, k_layers)
+        except ValueError as e:
+            raise ValueError(f"stage {j}: {e}") from None
         total = total + loss
-        per_stage.append((loss, out))
-        x = out.features
+        wire, cs = None, None if codec_states is None else codec_states[j]
+        if j < k - 1:
+            feats = jax.lax.stop_gradient(out.features)
+            if codec_states is None:
+                wire, x = feats, feats
+            else:
+                cs, wire = encode_message(stage, cs, feats, k_codec)
+                x = decode_message(stage, wire)
+        per_stage.append(GreedyOutput(loss, out, wire, cs))
     return total, per_stage
-
-
-def accuracy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Fraction of rows of ``logits: [batch, classes]`` whose argmax equals ``labels: [batch]``."""
-    return jnp.mean(jnp.argmax(logits, -1) == labels)
-
-
-def message_specs(stages: Sequence[Stage], states: Sequence[Any], example: jax.Array) -> list[jax.ShapeDtypeStruct]:
-    """Shapes and dtypes ``[batch, H, W, C]`` of the K-1 messages (outputs of stages ``0..K-2``) for inputs
-    shaped like ``example: [batch, H, W, C]``; traced abstractly, nothing is computed."""
-    specs, x = [], jax.ShapeDtypeStruct(example.shape, example.dtype)
-    for stage, st in zip(stages[:-1], states[:-1], strict=True):
-        x = jax.eval_shape(
-            lambda p, b, x, stage=stage: stage_apply(stage, p, b, x, False).features, st.params, st.batch_stats, x
-        )
-        specs.append(x)
-    return specs

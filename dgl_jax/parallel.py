@@ -40,11 +40,12 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from dgl_jax.stage import Stage, StageState
-from dgl_jax.train import StepMetrics, stage_step
+from dgl_jax.objective import stage_key
+from dgl_jax.stage import Stage, StageState, decode_message, message_specs, wire_spec
+from dgl_jax.steps import stage_step
 
 PyTree = Any
-StepFn = Callable[[StageState, jax.Array, jax.Array], tuple[StageState, jax.Array, jax.Array, jax.Array]]
+StepFn = Callable[[StageState, PyTree, PyTree, jax.Array | None], tuple[StageState, PyTree, dict]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -323,17 +324,21 @@ def make_placement(
 # ----------------------------------------------------------------------------------------------------------
 class PipelinedDGL:
     """Synchronous DGL pipelined over devices (MPMD): stage j's state lives on ``placement.stage_devices[j]``,
-    its local update is compiled for those devices, and messages move with ``jax.device_put``.
+    its local update is compiled for those devices, and the wire (its codec's output: any pytree) moves
+    with ``jax.device_put``.
 
-    ``step_fns[j](state, x, labels) -> (state, features, loss, accuracy)`` defaults to
+    ``step_fns[j](state, x, targets, key) -> (state, wire, metrics)`` defaults to
     ``stage_step(stages[j], ...)``; pass your own to add work to a stage (benchmarks add a fixed wait).
+    Stage j > 0 decodes what stage j-1 sent on its own devices, inside its compiled step.
 
     Usage::
 
         pipe = PipelinedDGL(stages, make_placement(len(stages)))
         states = pipe.place(states)
-        pipe.compile(states, x_example, labels_example)   # main thread, before any worker starts
-        states, metrics = pipe.run(states, batches)       # metrics: StepMetrics with [T, K] arrays
+        pipe.compile(states, x_example, targets_example)   # main thread, before any worker starts
+        states, metrics = pipe.run(states, batches, key)    # metrics: loss/accuracy [T, K]
+
+    Batch t uses the key ``fold_in(key, t)``, the key :func:`~dgl_jax.steps.dgl_step` would get.
     """
 
     def __init__(
@@ -355,20 +360,17 @@ class PipelinedDGL:
             raise ValueError(f"got {len(step_fns)} step functions for {len(stages)} stages")
         self.stages = list(stages)
         self.placement = placement
-        self._jitted = [
-            jax.jit(
-                f,
-                donate_argnums=(0,) if donate else (),
-                out_shardings=(
-                    placement.state_sharding(j),
-                    placement.batch_sharding(j),
-                    placement.state_sharding(j),
-                    placement.state_sharding(j),
-                ),
-            )
-            for j, f in enumerate(step_fns)
-        ]
+
+        def receive(j, fn):
+            def step(state, wire, targets, key):
+                x = wire if j == 0 else decode_message(self.stages[j - 1], wire)
+                return fn(state, x, targets, key)
+
+            return step
+
+        self._jitted = [jax.jit(receive(j, f), donate_argnums=(0,) if donate else ()) for j, f in enumerate(step_fns)]
         self._compiled: list[Any] | None = None
+        self._batch: int | None = None
 
     def place(self, states: Sequence[StageState]) -> list[StageState]:
         """Commits a copy of ``states[j]`` to stage j's devices (replicated over a data-parallel group)."""
@@ -383,75 +385,86 @@ class PipelinedDGL:
             if batch % len(devs):
                 raise ValueError(f"batch {batch} is not divisible by stage {j}'s {len(devs)} data-parallel devices")
 
-    def compile(self, states: Sequence[StageState], x: jax.Array, labels: jax.Array) -> None:
+    def _sharding(self, j: int, leaf: Any) -> NamedSharding:
+        """Leaves with the batch as leading axis are split over stage j's devices, others replicated."""
+        batched = np.ndim(leaf) >= 1 and np.shape(leaf)[0] == self._batch
+        return self.placement.batch_sharding(j) if batched else self.placement.state_sharding(j)
+
+    def put(self, j: int, tree: PyTree) -> PyTree:
+        """``tree`` (a wire, targets or a batch) moved to stage j's devices."""
+        return jax.tree.map(lambda a: jax.device_put(a, self._sharding(j, a)), tree)
+
+    def compile(self, states: Sequence[StageState], x: PyTree, targets: PyTree) -> None:
         """Compiles every stage's update for its devices (call from the main thread; ``states`` placed)."""
-        self._check_batch(x.shape[0])
+        self._batch = jax.tree.leaves(x)[0].shape[0]
+        self._check_batch(self._batch)
+        spec = lambda j, t: jax.tree.map(  # noqa: E731
+            lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a), sharding=self._sharding(j, a)), t
+        )
+        key = jax.random.key(0)
+        wires = [x] + [
+            wire_spec(s, st.codec, m)
+            for s, st, m in zip(self.stages[:-1], states[:-1], message_specs(self.stages, states, x), strict=True)
+        ]
         compiled = []
-        xs = jax.ShapeDtypeStruct(x.shape, x.dtype)
-        ys = jax.ShapeDtypeStruct(labels.shape, labels.dtype)
         for j, (f, st) in enumerate(zip(self._jitted, states, strict=True)):
-            sh = self.placement.batch_sharding(j)
-            xj = jax.ShapeDtypeStruct(xs.shape, xs.dtype, sharding=sh)
-            yj = jax.ShapeDtypeStruct(ys.shape, ys.dtype, sharding=sh)
             st_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), st)
-            compiled.append(f.lower(st_spec, xj, yj).compile())
-            out = jax.eval_shape(f, st_spec, xj, yj)[1]
-            xs = jax.ShapeDtypeStruct(out.shape, out.dtype)
+            k_spec = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=self.placement.state_sharding(j))
+            compiled.append(f.lower(st_spec, spec(j, wires[j]), spec(j, targets), k_spec).compile())
         self._compiled = compiled
 
     def run(
         self,
         states: Sequence[StageState],
         batches: Iterable[tuple[Any, Any]],
+        key: jax.Array | None = None,
         *,
         maxsize: int = 2,
         timeout_s: float | None = None,
-    ) -> tuple[list[StageState], StepMetrics]:
-        """Trains on every ``(x, labels)`` of ``batches``, one thread per stage, and returns the final states
+    ) -> tuple[list[StageState], dict[str, np.ndarray]]:
+        """Trains on every ``(x, targets)`` of ``batches``, one thread per stage, and returns the final states
         and the metrics of every step (``loss``/``accuracy`` ``[T, K]``, host numpy).
 
-        Equal to T sequential :func:`~dgl_jax.train.dgl_step` calls. ``states`` must come from
-        :meth:`place` and are donated. No worker blocks on device results: the only waits are the bounded
-        queues (``maxsize``) and, at the end, fetching the metrics.
+        Equal to T sequential :func:`~dgl_jax.steps.dgl_step` calls with keys ``fold_in(key, t)`` (default
+        ``key``: ``jax.random.key(0)``). ``states`` must come from :meth:`place` and are donated. No worker
+        blocks on device results: the only waits are the bounded queues (``maxsize``) and, at the end,
+        fetching the metrics.
         """
         if self._compiled is None:
-            raise ValueError("call compile(states, x, labels) in the main thread before run()")
+            raise ValueError("call compile(states, x, targets) in the main thread before run()")
         k = self.placement.num_stages
+        key = jax.random.key(0) if key is None else key
         final: list[Any] = list(states)
-        metrics: list[list[tuple[jax.Array, jax.Array]]] = [[] for _ in range(k)]
+        metrics: list[list[Any]] = [[] for _ in range(k)]
 
         def make_fn(j):
-            fn, xs, ys = self._compiled[j], self.placement.batch_sharding(j), self.placement.batch_sharding(j)
+            fn, rep = self._compiled[j], self.placement.state_sharding(j)
 
             def step(msg):
-                x, labels = msg
-                x, labels = jax.device_put(x, xs), jax.device_put(labels, ys)
-                final[j], out, loss, acc = fn(final[j], x, labels)
-                metrics[j].append((loss, acc))
-                return out, labels
+                wire, targets, key_t = msg
+                wire, targets = self.put(j, wire), self.put(j, targets)
+                final[j], out, m = fn(final[j], wire, targets, jax.device_put(stage_key(key_t, j), rep))
+                metrics[j].append(m)
+                return out, targets, key_t
 
             return step
 
-        batches = ((self._check_batch_item(x), y) for x, y in batches)
-        run_chain([make_fn(j) for j in range(k)], batches, maxsize=maxsize, timeout_s=timeout_s)
-        loss = np.array([[np.asarray(m[0]) for m in ms] for ms in metrics]).T
-        acc = np.array([[np.asarray(m[1]) for m in ms] for ms in metrics]).T
-        return final, StepMetrics(loss.reshape(-1, k), acc.reshape(-1, k))
+        def items():
+            for t, (x, y) in enumerate(batches):
+                self._check_batch(jax.tree.leaves(x)[0].shape[0])
+                yield x, y, jax.random.fold_in(key, t)
 
-    def _check_batch_item(self, x: Any) -> Any:
-        self._check_batch(np.shape(x)[0])
-        return x
+        run_chain([make_fn(j) for j in range(k)], items(), maxsize=maxsize, timeout_s=timeout_s)
+        return final, {
+            name: np.array([[np.asarray(m[name]) for m in ms] for ms in metrics]).T.reshape(-1, k)
+            for name in ("loss", "accuracy")
+        }
 
 
 def message_shapes(stages: Sequence[Stage], states: Sequence[StageState], x: jax.Array) -> list[tuple[int, ...]]:
-    """Shapes of the messages stages 0..K-2 send for an input like ``x: [batch, H, W, C]`` (abstract
-    evaluation only, nothing runs)."""
-    shapes, xs = [], jax.ShapeDtypeStruct(x.shape, x.dtype)
-    labels = jax.ShapeDtypeStruct((x.shape[0],), jnp.int32)
-    for stage, st in zip(stages[:-1], states[:-1], strict=True):
-        xs = jax.eval_shape(functools.partial(stage_step, stage), st, xs, labels)[1]
-        shapes.append(tuple(xs.shape))
-    return shapes
+    """Shapes of the (single-array) messages stages 0..K-2 send for an input like ``x``
+    (:func:`dgl_jax.stage.message_specs`, abstract evaluation only)."""
+    return [tuple(m.shape) for m in message_specs(stages, states, x)]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -499,40 +512,41 @@ class _Packer:
 class SpmdState(NamedTuple):
     """The whole pipeline as stacked arrays, row j on stage j's devices (mesh axis ``'stage'``):
 
-    ``floats [K, Pf]`` / ``ints [K, Pi]``: each stage's :class:`StageState`, packed and zero-padded;
-    ``msg [K, B, M]``: the (flattened, padded) input stage j will consume at the next tick, received from
-    stage j-1; ``labels [K, B]``: its labels; ``valid [K]``: whether that message is a real batch (False
-    during the pipeline's fill).
+    ``floats [K, Pf]`` / ``ints [K, Pi]``: each stage's :class:`StageState` (codec state included), packed
+    and zero-padded; ``inbox``: one ``(wire, targets, key_data)`` per boundary, every leaf ``[K, ...]``: row
+    j+1 of boundary j's entry is what stage j sent at the previous tick (zeros elsewhere); ``valid [K]``:
+    whether stage j's input is a real batch (False during the pipeline's fill).
     """
 
     floats: jax.Array
     ints: jax.Array
-    msg: jax.Array
-    labels: jax.Array
+    inbox: tuple
     valid: jax.Array
 
 
 class SpmdPipeline:
     """Synchronous DGL as one SPMD program over the mesh axis ``stage_axis`` (size K = number of stages).
 
-    **What one tick computes.** ``tick(state, x_t, labels_t, valid_t)``: every stage j runs, in parallel,
-    its local update (:func:`~dgl_jax.train.stage_step`) on its input: stage 0 on the fresh batch ``x_t``,
-    stage j > 0 on the message stage j-1 sent at the previous tick. Each stage then sends its output
-    (computed with its pre-update params) to stage j+1 with ``lax.ppermute``. So tick t updates stage j on
-    batch ``t - j`` with stage j-1's pre-update output from tick t-1; a stage whose input is not a real
-    batch (the first j ticks: pipeline fill; ``valid_t=False``: drain) keeps its state. After T batches and
-    K-1 drain ticks every stage has taken exactly the updates of T :func:`~dgl_jax.train.dgl_step` calls, in
-    the same order (:meth:`run` does this).
+    **What one tick computes.** ``tick(state, x_t, targets_t, valid_t, key_t)``: every stage j runs, in
+    parallel, its local update (:func:`~dgl_jax.steps.stage_step`) on its input: stage 0 on the fresh
+    batch ``x_t``, stage j > 0 on ``decode`` of the wire stage j-1 sent at the previous tick. Each stage then
+    sends its wire (computed with its pre-update params) to stage j+1 with ``lax.ppermute``. So tick t
+    updates stage j on batch ``t - j``; a stage whose input is not a real batch (the first j ticks:
+    pipeline fill; ``valid_t=False``: drain) keeps its state. After T batches and K-1 drain ticks every
+    stage has taken exactly the updates of T :func:`~dgl_jax.steps.dgl_step` calls, in the same order, with
+    the same keys (the key of batch t travels with it; :meth:`run` does this).
+
+    **Wires.** Boundary j's wire keeps its own shapes and dtypes (uint8 codes stay uint8): it crosses in its
+    own ``ppermute`` whose only pair is ``(j, j+1)``, so what the compiled program moves between two stages
+    is exactly that wire, its targets and its key.
 
     **Stages of different shapes.** Each stage's state is packed into a zero-padded float32 vector (and an
-    int32 one) of the largest stage's size, stacked ``[K, Pf]`` and sharded over ``stage_axis``; messages
-    are flattened per example and padded to the largest message ``[B, M]``. Inside ``shard_map`` the stage
-    picks its own computation with ``lax.switch(lax.axis_index(stage_axis), ...)``. The cost: every device
-    holds the padded size of the largest stage, and every message is as big as the largest one.
+    int32 one) of the largest stage's size, stacked ``[K, Pf]`` and sharded over ``stage_axis``. Inside
+    ``shard_map`` the stage picks its own computation with ``lax.switch(lax.axis_index(stage_axis), ...)``.
 
-    **Data parallelism.** A mesh ``(stage_axis, data_axis)`` also splits the batch over ``data_axis``:
-    ``shard_map`` is manual over ``stage_axis`` only, and XLA partitions each stage's update over the data
-    axis (the gradient mean over the full batch is inserted automatically).
+    **Data parallelism.** A mesh ``(stage_axis, data_axis)`` also splits the work of each stage over
+    ``data_axis``: ``shard_map`` is manual over ``stage_axis`` only, and XLA partitions each stage's update
+    over the data axis (the gradient mean over the full batch is inserted automatically).
 
     Across hosts: build ``mesh`` over ``jax.devices()`` after ``jax.distributed.initialize(...)``; every
     process passes the same host data to :meth:`init` and :meth:`tick`.
@@ -543,7 +557,8 @@ class SpmdPipeline:
         stages: Sequence[Stage],
         mesh: Mesh,
         example_states: Sequence[StageState],
-        example_x: jax.Array,
+        example_x: PyTree,
+        example_targets: PyTree | None = None,
         *,
         stage_axis: str = "stage",
         data_axis: str | None = None,
@@ -564,26 +579,24 @@ class SpmdPipeline:
         extra = set(mesh.shape) - {stage_axis} - ({data_axis} if data_axis else set())
         if extra:
             raise ValueError(f"mesh axes {sorted(extra)} are neither the stage axis nor data_axis={data_axis!r}")
+        self.batch = jax.tree.leaves(example_x)[0].shape[0]
         if data_axis is not None:
             if data_axis not in mesh.shape:
                 raise ValueError(f"data_axis {data_axis!r} is not a mesh axis {tuple(mesh.shape)}")
-            if example_x.shape[0] % mesh.shape[data_axis]:
+            if self.batch % mesh.shape[data_axis]:
                 raise ValueError(
-                    f"batch {example_x.shape[0]} is not divisible by the {mesh.shape[data_axis]} devices of "
-                    f"axis {data_axis!r}"
+                    f"batch {self.batch} is not divisible by the {mesh.shape[data_axis]} devices of axis {data_axis!r}"
                 )
         self.stages, self.mesh, self.k = list(stages), mesh, k
         self.stage_axis, self.data_axis = stage_axis, data_axis
-        self.batch = example_x.shape[0]
-        # Input shape and dtype of every stage, by abstract evaluation.
-        self.in_shapes, self.in_dtypes = [], []
-        xs = jax.ShapeDtypeStruct(example_x.shape, example_x.dtype)
-        labels = jax.ShapeDtypeStruct((self.batch,), jnp.int32)
-        for stage, st in zip(stages, example_states, strict=True):
-            self.in_shapes.append(tuple(xs.shape[1:]))
-            self.in_dtypes.append(jnp.dtype(xs.dtype))
-            xs = jax.eval_shape(functools.partial(stage_step, stage), st, xs, labels)[1]
-        self.msg_size = max(math.prod(s) for s in self.in_shapes)
+        spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), t)  # noqa: E731
+        self.x_spec = spec(example_x)
+        self.targets_spec = spec(jnp.zeros((self.batch,), jnp.int32) if example_targets is None else example_targets)
+        self.key_spec = spec(jax.random.key_data(jax.random.key(0)))
+        messages = message_specs(stages, example_states, self.x_spec)
+        self.wire_specs = [
+            wire_spec(s, st.codec, m) for s, st, m in zip(stages[:-1], example_states[:-1], messages, strict=True)
+        ]
         self.packers = [_Packer(st) for st in example_states]
         self.num_floats = max(max(p.num_floats for p in self.packers), 1)
         self.num_ints = max(max(p.num_ints for p in self.packers), 1)
@@ -593,19 +606,16 @@ class SpmdPipeline:
     def _spec(self, *rest: Any) -> P:
         return P(self.stage_axis, *rest)
 
-    def _shardings(self) -> SpmdState:
-        d = self.data_axis
-        return SpmdState(
-            NamedSharding(self.mesh, self._spec()),
-            NamedSharding(self.mesh, self._spec()),
-            NamedSharding(self.mesh, self._spec(d)),
-            NamedSharding(self.mesh, self._spec(d)),
-            NamedSharding(self.mesh, self._spec()),
-        )
+    def _stage_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, self._spec())
 
     def _global(self, host: np.ndarray, sharding: NamedSharding) -> jax.Array:
         host = np.asarray(host)
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+    def _inbox_specs(self) -> tuple:
+        """``ShapeDtypeStruct`` s of one device's inbox: ``(wire, targets, key_data)`` per boundary."""
+        return tuple((w, self.targets_spec, self.key_spec) for w in self.wire_specs)
 
     # -- state in and out ----------------------------------------------------------------------------------
     def init(self, states: Sequence[StageState]) -> SpmdState:
@@ -614,13 +624,13 @@ class SpmdPipeline:
             p.pack(jax.device_get(st), self.num_floats, self.num_ints, np)
             for p, st in zip(self.packers, states, strict=True)
         ]
-        sh = self._shardings()
+        sh = self._stage_sharding()
+        inbox = jax.tree.map(lambda s: self._global(np.zeros((self.k, *s.shape), s.dtype), sh), self._inbox_specs())
         return SpmdState(
-            self._global(np.stack([h[0] for h in host]), sh.floats),
-            self._global(np.stack([h[1] for h in host]), sh.ints),
-            self._global(np.zeros((self.k, self.batch, self.msg_size), np.float32), sh.msg),
-            self._global(np.zeros((self.k, self.batch), np.int32), sh.labels),
-            self._global(np.zeros((self.k,), bool), sh.valid),
+            self._global(np.stack([h[0] for h in host]), sh),
+            self._global(np.stack([h[1] for h in host]), sh),
+            inbox,
+            self._global(np.zeros((self.k,), bool), sh),
         )
 
     def unpack(self, state: SpmdState) -> list[StageState]:
@@ -628,96 +638,110 @@ class SpmdPipeline:
         floats, ints = _gather(state.floats), _gather(state.ints)
         return [p.unpack(floats[j], ints[j]) for j, p in enumerate(self.packers)]
 
-    # -- the tick ------------------------------------------------------------------------------------------
-    def _flat_input(self, x: jax.Array) -> jax.Array:
-        x = x.reshape(x.shape[0], -1).astype(jnp.float32)
-        return jnp.pad(x, ((0, 0), (0, self.msg_size - x.shape[1])))
+    def wire_bytes(self) -> list[int]:
+        """Bytes each boundary's ``ppermute`` carries per tick: the wire, its targets and its key data."""
+        from dgl_jax.accounting import nbytes
 
+        return [nbytes(item) for item in self._inbox_specs()]
+
+    # -- the tick ------------------------------------------------------------------------------------------
     def _build_tick(self) -> Callable[..., Any]:
         k, ax = self.k, self.stage_axis
+        inbox_specs = self._inbox_specs()
+        zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
 
         def branch(j):
             stage, packer = self.stages[j], self.packers[j]
-            size = math.prod(self.in_shapes[j])
 
-            def run(f, i, msg, labels, valid):
+            def run(f, i, inbox, x, y, key_data, valid):
                 st = packer.unpack(f, i)
-                x = msg[:, :size].reshape(msg.shape[0], *self.in_shapes[j]).astype(self.in_dtypes[j])
-                new, out, loss, acc = stage_step(stage, st, x, labels)
+                if j > 0:
+                    wire, y, key_data = inbox[j - 1]
+                    x = decode_message(self.stages[j - 1], wire)
+                key = stage_key(jax.random.wrap_key_data(key_data), j)
+                new, wire_out, m = stage_step(stage, st, x, y, key)
                 nf, ni = packer.pack(new, self.num_floats, self.num_ints)
                 nf, ni = jnp.where(valid, nf, f), jnp.where(valid, ni, i)
-                return nf, ni, self._flat_input(out), loss.astype(jnp.float32), acc.astype(jnp.float32)
+                outbox = list(zeros(inbox_specs))
+                if j < k - 1:
+                    outbox[j] = (wire_out, y, key_data)
+                return nf, ni, tuple(outbox), m["loss"].astype(jnp.float32), m["accuracy"].astype(jnp.float32)
 
             return run
 
         branches = [branch(j) for j in range(k)]
-        perm = [(j, j + 1) for j in range(k - 1)]
 
-        def body(floats, ints, msg, labels, valid, x, y, valid_in):
+        def body(floats, ints, inbox, valid, x, y, key_data, valid_in):
             j = jax.lax.axis_index(ax)
-            first = j == 0
-            msg_j = jnp.where(first, x, msg[0])
-            labels_j = jnp.where(first, y, labels[0])
-            valid_j = jnp.where(first, valid_in, valid[0])
-            nf, ni, out, loss, acc = jax.lax.switch(j, branches, floats[0], ints[0], msg_j, labels_j, valid_j)
-            sent = jax.lax.ppermute((out, labels_j, valid_j), ax, perm)
+            inbox = jax.tree.map(lambda a: a[0], inbox)
+            valid_j = jnp.where(j == 0, valid_in, valid[0])
+            nf, ni, outbox, loss, acc = jax.lax.switch(j, branches, floats[0], ints[0], inbox, x, y, key_data, valid_j)
+            # Boundary b's wire crosses alone, from stage b to stage b+1, in its own dtype.
+            received = tuple(jax.lax.ppermute(outbox[b], ax, [(b, b + 1)]) for b in range(k - 1))
+            sent_valid = jax.lax.ppermute(valid_j, ax, [(b, b + 1) for b in range(k - 1)])
             return (
                 nf[None],
                 ni[None],
-                sent[0][None],
-                sent[1][None],
-                sent[2][None],
+                jax.tree.map(lambda a: a[None], received),
+                sent_valid[None],
                 jnp.where(valid_j, loss, jnp.nan)[None],
                 jnp.where(valid_j, acc, jnp.nan)[None],
             )
 
-        # Manual over the stage axis only: a data axis stays automatic (XLA splits the batch inside a stage).
-        st_specs = (self._spec(),) * 5
+        # Manual over the stage axis only: a data axis stays automatic (XLA splits the work inside a stage).
+        stage_spec = self._spec()
+        inbox_spec = jax.tree.map(lambda _: stage_spec, inbox_specs)
         smap = jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(*st_specs, P(), P(), P()),
-            out_specs=(*st_specs, self._spec(), self._spec()),
+            in_specs=(stage_spec, stage_spec, inbox_spec, stage_spec, P(), P(), P(), P()),
+            out_specs=(stage_spec, stage_spec, inbox_spec, stage_spec, stage_spec, stage_spec),
             axis_names={ax},
             check_vma=False,
         )
 
-        def tick(state, x, y, valid_in):
-            out = smap(*state, self._flat_input(x), y, valid_in)
-            return SpmdState(*out[:5]), StepMetrics(out[5], out[6])
+        def tick(state, x, y, key_data, valid_in):
+            out = smap(*state, x, y, key_data, valid_in)
+            return SpmdState(*out[:4]), {"loss": out[4], "accuracy": out[5]}
 
         return jax.jit(tick, donate_argnums=0)
 
-    def tick(self, state: SpmdState, x: Any, labels: Any, valid: bool = True) -> tuple[SpmdState, StepMetrics]:
-        """One tick (see the class docstring): stage 0 takes ``x: [B, H, W, C]``/``labels: [B]`` (host
-        arrays, the same on every process; ignored when ``valid`` is False). Returns the new state and
-        per-stage metrics ``[K]`` of this tick (NaN for a stage that did not update)."""
-        if np.shape(x)[0] != self.batch:
-            raise ValueError(f"batch {np.shape(x)[0]} differs from the batch {self.batch} the pipeline was built for")
-        d = self.data_axis
-        x = self._global(np.asarray(x), NamedSharding(self.mesh, P(d)))
-        y = self._global(np.asarray(labels, np.int32), NamedSharding(self.mesh, P(d)))
-        v = self._global(np.asarray(valid, bool), NamedSharding(self.mesh, P()))
-        return self._tick(state, x, y, v)
+    def tick(
+        self, state: SpmdState, x: PyTree, targets: PyTree, valid: bool = True, key: jax.Array | None = None
+    ) -> tuple[SpmdState, dict[str, jax.Array]]:
+        """One tick (see the class docstring): stage 0 takes ``x``/``targets`` (host arrays, the same on every
+        process; ignored when ``valid`` is False) and ``key`` (the key of this batch, default
+        ``jax.random.key(0)``). Returns the new state and per-stage metrics ``[K]`` of this tick (NaN for a
+        stage that did not update)."""
+        if jax.tree.leaves(x)[0].shape[0] != self.batch:
+            raise ValueError(
+                f"batch {jax.tree.leaves(x)[0].shape[0]} differs from the batch {self.batch} the pipeline was built for"
+            )
+        rep = NamedSharding(self.mesh, P())
+        put = lambda t: jax.tree.map(lambda a: self._global(np.asarray(a), rep), t)  # noqa: E731
+        key_data = jax.random.key_data(jax.random.key(0) if key is None else key)
+        return self._tick(state, put(x), put(targets), put(key_data), put(np.asarray(valid, bool)))
 
-    def run(self, state: SpmdState, batches: Sequence[tuple[Any, Any]]) -> tuple[SpmdState, StepMetrics]:
-        """Feeds T batches then K-1 drain ticks: the result equals T :func:`~dgl_jax.train.dgl_step` calls.
+    def run(
+        self, state: SpmdState, batches: Sequence[tuple[Any, Any]], key: jax.Array | None = None
+    ) -> tuple[SpmdState, dict[str, np.ndarray]]:
+        """Feeds T batches then K-1 drain ticks: the result equals T :func:`~dgl_jax.steps.dgl_step` calls
+        with keys ``fold_in(key, t)`` (default ``key``: ``jax.random.key(0)``).
 
         Returns the state and host metrics ``[T, K]`` (row t: every stage's loss on batch t)."""
         batches = list(batches)
         if not batches:
             raise ValueError("run needs at least one batch")
-        zeros = (np.zeros_like(np.asarray(batches[0][0])), np.zeros_like(np.asarray(batches[0][1])))
+        key = jax.random.key(0) if key is None else key
+        zeros = jax.tree.map(np.zeros_like, (np.asarray(batches[0][0]), jax.tree.map(np.asarray, batches[0][1])))
         ticks = []
         for t in range(len(batches) + self.k - 1):
             x, y = batches[t] if t < len(batches) else zeros
-            state, m = self.tick(state, x, y, t < len(batches))
+            state, m = self.tick(state, x, y, t < len(batches), jax.random.fold_in(key, t))
             ticks.append(m)
-        loss = np.stack([_gather(m.loss) for m in ticks])
-        acc = np.stack([_gather(m.accuracy) for m in ticks])
         rows = np.arange(len(batches))[:, None] + np.arange(self.k)[None, :]
         cols = np.broadcast_to(np.arange(self.k), rows.shape)
-        return state, StepMetrics(loss[rows, cols], acc[rows, cols])
+        return state, {name: np.stack([_gather(m[name]) for m in ticks])[rows, cols] for name in ("loss", "accuracy")}
 
 
 def _gather(x: jax.Array) -> np.ndarray:

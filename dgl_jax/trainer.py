@@ -1,16 +1,14 @@
-"""One trainer for every method: configs as code, data on device, several steps per dispatch.
+"""The trainer: loops over chunks of steps, logs, evaluates; everything else lives in its own module.
 
-* :class:`TrainConfig`: the whole recipe as a frozen dataclass (JSON round-trip with :func:`config_to_dict`
-  / :func:`config_from_dict`); method-specific options live in ``method_options``.
-* :data:`METHODS` / :func:`register_method`: the method registry. A :class:`Method` says how to prepare the
-  stages, how to take one step (``make_step``), how many phases the schedule has (sequential greedy: one per
-  stage), what extra run state it carries (e.g. replay buffers) and what cached inputs a phase uses.
-* :class:`Trainer`: loads the data onto the device, builds stages and jitted chunk/eval functions once, and
-  :meth:`Trainer.fit` yields an :class:`Event` after every chunk of ``chunk_steps`` optimizer steps (one
-  dispatch: the batches are gathered from a per-epoch permutation derived from ``(seed, epoch)`` and
-  augmented inside ``lax.scan``). A :class:`RunState` is everything needed to continue bit-identically.
-  With ``loader='grain'`` the training split stays on the host and a grain pipeline reads the same batches
-  (same per-epoch permutation) on background threads, one jitted step per batch: same results, bit for bit.
+* :mod:`dgl_jax.config`: :class:`~dgl_jax.config.TrainConfig` (the recipe) and its checks;
+* :mod:`dgl_jax.methods`: the method registry (how a method builds its step and extra state);
+* :mod:`dgl_jax.input_pipeline`: each epoch's order and each step's batch and key from the run key;
+* :mod:`dgl_jax.evaluation`: padded batches, every head and the ensemble.
+
+:class:`Trainer` loads the data onto the device, builds stages (with the config's codec) and jitted
+chunk/eval functions once, and :meth:`Trainer.fit` yields an :class:`Event` after every chunk of
+``chunk_steps`` optimizer steps. A :class:`RunState` is everything needed to continue bit-identically: the
+per-step key that reaches every stochastic layer and codec is derived from the run key, epoch and step.
 
 Typical use::
 
@@ -24,305 +22,52 @@ Typical use::
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 import os
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgl_jax.config import DTYPES, LOOPS, TrainConfig, config_from_dict, config_to_dict, validate_config
 from dgl_jax.data import (
     DATASETS,
-    RESIZED,
     ArraySource,
     Dataset,
     TrainSource,
-    augment_batch,
     default_crop_padding,
     load_dataset,
     load_train_source,
-    memory_loader_error,
 )
-from dgl_jax.layers import HEADS
-from dgl_jax.models import MODELS, get_model
-from dgl_jax.stage import Stage, StageState, drop_aux_heads, init_stage_states, make_optimizer, with_optimizer
-from dgl_jax.train import backprop_step, dgl_step, evaluate_batch, forward_features, sequential_step
+from dgl_jax.evaluation import eval_all, eval_batch, pad_eval
+from dgl_jax.files import json_ready
+from dgl_jax.input_pipeline import epoch_order, one_step, run_chunk, streamed_step
+from dgl_jax.methods import METHODS, Method, get_method, register_method
+from dgl_jax.models import get_model
+from dgl_jax.stage import StageState, init_stage_states, make_optimizer, with_codec, with_optimizer
+from dgl_jax.steps import forward_features
 
 PyTree = Any
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-OPTIMIZERS = ("sgd", "adam")
-LOOPS = ("auto", "scan", "dispatch")
-LOADERS = ("memory", "grain")
 GRAIN_THREADS = min(8, os.cpu_count() or 1)  # host threads reading (and decoding) batches ahead of the step
 GRAIN_PREFETCH = max(4, GRAIN_THREADS)  # batches read ahead, each already on the device
+__all__ = [
+    "METHODS",
+    "Event",
+    "Method",
+    "RunState",
+    "TrainConfig",
+    "Trainer",
+    "config_from_dict",
+    "config_to_dict",
+    "json_ready",
+    "register_method",
+    "validate_config",
+]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Config
-# ----------------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """A full training recipe. ``split``/``head`` ``None`` keep the model's defaults; ``epochs`` is per
-    phase (sequential greedy trains each stage for ``epochs``); ``decay_epochs``: int (every n epochs),
-    tuple (at those epochs) or ``None`` (constant LR); ``chunk_steps``: optimizer steps per dispatch (0:
-    ``min(steps_per_epoch, 50)``); ``loop``: ``scan`` runs a chunk as one ``lax.scan`` dispatch,
-    ``dispatch`` as one jitted step per batch with no host synchronisation inside the chunk, ``auto`` picks
-    ``dispatch`` on CPU (XLA:CPU runs these convolutions ~4x slower inside a loop) and ``scan`` elsewhere;
-    ``feature_cache_mb``: largest cached frozen-feature array the sequential
-    method keeps on device (0 disables the cache); ``method_options``: options of the chosen method;
-    ``model_options``: extra keyword arguments of the zoo model (e.g. ``{"width_mult": 0.25}``);
-    ``loader``: ``memory`` keeps the training split on the device and gathers batches inside jit; ``grain``
-    streams it from the host (a ``grain.MapDataset`` over the tfds data source or the in-memory arrays, read
-    ahead on background threads, ``device_put``, augmented inside jit) for training sets that do not fit on
-    the device. Both give bit-identical runs for the same seed. With ``grain`` the loop is one dispatch
-    per step (``loop`` ``auto``/``dispatch``), the evaluation split stays in memory (streamed as well for
-    the datasets of ``dgl_jax.data.RESIZED``, which need ``grain``), and sequential greedy recomputes the
-    frozen stages instead of caching their features; ``image_size``: side S of the ``[S, S, 3]`` images of
-    the datasets whose images vary in size (``imagenet2012``: shorter side resized to ``round(S*256/224)``,
-    centre crop S, on the host; ``None``: the dataset's default, 224), an error for any other dataset."""
-
-    method: str = "dgl"
-    model: str = "small_cnn"
-    split: int | tuple[int, ...] | None = None
-    head: str | None = None
-    dataset: str = "digits"
-    data_dir: str | None = None
-    validation: float = 0.0
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 500
-    optimizer: str = "sgd"
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    decay_epochs: int | tuple[int, ...] | None = (7,)
-    decay_factor: float = 0.2
-    seed: int = 0
-    dtype: str = "float32"
-    augment: bool = False
-    chunk_steps: int = 0
-    loop: str = "auto"
-    feature_cache_mb: float = 1024.0
-    method_options: dict = dataclasses.field(default_factory=dict)
-    model_options: dict = dataclasses.field(default_factory=dict)
-    loader: str = "memory"
-    image_size: int | None = None
-
-
-def config_to_dict(config: TrainConfig) -> dict:
-    """JSON-ready dict of ``config`` (tuples become lists)."""
-    return json_ready(dataclasses.asdict(config))
-
-
-def config_from_dict(d: dict) -> TrainConfig:
-    """Inverse of :func:`config_to_dict`; unknown keys are an error naming them."""
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; expected a subset of {sorted(names)}")
-    d = dict(d)
-    for k in ("split", "decay_epochs"):
-        if isinstance(d.get(k), list):
-            d[k] = tuple(d[k])
-    return TrainConfig(**d)
-
-
-def json_ready(x: Any) -> Any:
-    if isinstance(x, dict):
-        return {k: json_ready(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [json_ready(v) for v in x]
-    if isinstance(x, (np.floating, np.integer)):
-        return x.item()
-    return x
-
-
-def validate_config(config: TrainConfig) -> None:
-    """Checks names and ranges that need no data or model; raises ``ValueError`` naming the bad value and
-    the accepted ones."""
-
-    def bad(name, value, accepted):
-        raise ValueError(f"{name} {value!r} is not valid; expected {accepted}")
-
-    if config.method not in METHODS:
-        bad("method", config.method, f"one of {sorted(METHODS)}")
-    if config.model not in MODELS:
-        bad("model", config.model, f"one of {sorted(MODELS)}")
-    if config.dataset not in DATASETS:
-        bad("dataset", config.dataset, f"one of {sorted(DATASETS)}")
-    if config.head is not None and config.head not in HEADS:
-        bad("head", config.head, f"one of {list(HEADS)}")
-    if config.optimizer not in OPTIMIZERS:
-        bad("optimizer", config.optimizer, f"one of {list(OPTIMIZERS)}")
-    if config.dtype not in DTYPES:
-        bad("dtype", config.dtype, f"one of {sorted(DTYPES)}")
-    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
-        bad("learning rate", config.lr, "a finite number > 0")
-    if not config.momentum >= 0:
-        bad("momentum", config.momentum, "a number >= 0")
-    if not config.weight_decay >= 0:
-        bad("weight decay", config.weight_decay, "a number >= 0")
-    if not 0 < config.decay_factor <= 1:
-        bad("decay factor", config.decay_factor, "a number in (0, 1]")
-    for name in ("epochs", "batch_size", "eval_batch_size"):
-        if not (isinstance(getattr(config, name), int) and getattr(config, name) >= 1):
-            bad(name.replace("_", " "), getattr(config, name), "an integer >= 1")
-    if not (isinstance(config.chunk_steps, int) and config.chunk_steps >= 0):
-        bad("chunk steps", config.chunk_steps, "an integer >= 0 (0: automatic)")
-    if config.loader not in LOADERS:
-        bad("loader", config.loader, f"one of {list(LOADERS)}")
-    if config.loader == "memory" and config.dataset in RESIZED:
-        raise ValueError(memory_loader_error(config.dataset))
-    if config.image_size is not None and not (
-        config.dataset in RESIZED and isinstance(config.image_size, int) and config.image_size >= 1
-    ):
-        bad("image size", config.image_size, f"none, or an integer >= 1 for a dataset among {sorted(RESIZED)}")
-    if config.loader == "grain" and config.loop == "scan":
-        bad("loop", config.loop, "'auto' or 'dispatch' with loader 'grain' (one batch per step from the host)")
-    if not 0 <= config.validation < 1:
-        bad("validation fraction", config.validation, "a number in [0, 1)")
-    if isinstance(config.split, int) and config.split < 1:
-        bad("split", config.split, "K >= 1 or a list of units per stage")
-    if isinstance(config.decay_epochs, int) and config.decay_epochs < 1:
-        bad("decay epochs", config.decay_epochs, "an integer >= 1, a list of epochs, or none")
-    METHODS[config.method].validate(config)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Method registry
-# ----------------------------------------------------------------------------------------------------------
-StepFn = Callable[[list[StageState], PyTree, jax.Array, jax.Array, jax.Array], tuple[list[StageState], PyTree, dict]]
-
-
-def _no_extra(stages, states, config, key, example):
-    return {}
-
-
-def _one_phase(num_stages: int, config: TrainConfig) -> int:
-    return 1
-
-
-def _no_validation(config: TrainConfig) -> None:
-    if config.method_options:
-        raise ValueError(f"method {config.method!r} takes no method options, got {sorted(config.method_options)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Method:
-    """A training method as a set of hooks (all pure; the trainer jits what they return).
-
-    * ``make_step(stages, config, phase, features) -> step``; ``step(states, extra, x, y, key) -> (states,
-      extra, metrics)`` takes one optimizer step on a batch ``x: [batch, H, W, C]`` (``features`` is True
-      when ``x`` holds the phase's cached inputs from ``phase_inputs`` instead of images); ``metrics`` is a
-      dict of arrays, at least ``loss`` and ``accuracy`` of shape ``[K]`` (NaN for
-      stages not trained by this step). Any other ``[K]`` or scalar entry is logged as well.
-    * ``prepare_stages(stages, config)``: e.g. drop the auxiliary heads for backprop.
-    * ``init_extra(stages, states, config, key, example)``: method state carried between steps and saved in
-      checkpoints (replay buffers, codebooks, ...); ``{}`` by default.
-    * ``num_phases(K, config)``: the schedule has ``num_phases * epochs`` epochs (sequential greedy: K).
-    * ``phase_inputs(trainer, states, phase)``: an array replacing the training images during ``phase`` (the
-      frozen features of sequential greedy), or ``None``.
-    * ``validate(config)``: raise ``ValueError`` for bad ``method_options``.
-    * ``eval_messages(extra)``: K-1 optional maps applied to the messages between stages at evaluation
-      (:func:`dgl_jax.train.evaluate_batch`), e.g. VQ encode/decode with the codebooks held in ``extra``;
-      ``None``: float features.
-    """
-
-    name: str
-    description: str
-    make_step: Callable[[Sequence[Stage], TrainConfig, int, bool], StepFn]
-    prepare_stages: Callable[[list[Stage], TrainConfig], list[Stage]] = lambda stages, config: stages
-    init_extra: Callable[..., PyTree] = _no_extra
-    num_phases: Callable[[int, TrainConfig], int] = _one_phase
-    phase_inputs: Callable[[Trainer, list[StageState], int], jax.Array | None] | None = None
-    validate: Callable[[TrainConfig], None] = _no_validation
-    eval_messages: Callable[[PyTree], Sequence[Callable[[jax.Array], jax.Array] | None] | None] = lambda extra: None
-
-
-METHODS: dict[str, Method] = {}
-
-
-def register_method(method: Method, *, replace: bool = False) -> Method:
-    """Adds ``method`` to :data:`METHODS` (then ``--method NAME`` and ``TrainConfig(method=NAME)`` use it)."""
-    if method.name in METHODS and not replace:
-        raise ValueError(f"method {method.name!r} is already registered; pass replace=True to override it")
-    METHODS[method.name] = method
-    return method
-
-
-def _metrics(m) -> dict:
-    return {"loss": m.loss, "accuracy": m.accuracy}
-
-
-def _dgl_make_step(stages, config, phase, features):
-    def step(states, extra, x, y, key):
-        states, m = dgl_step(stages, states, x, y)
-        return states, extra, _metrics(m)
-
-    return step
-
-
-def _backprop_make_step(stages, config, phase, features):
-    def step(states, extra, x, y, key):
-        states, m = backprop_step(stages, states, x, y)
-        return states, extra, _metrics(m)
-
-    return step
-
-
-def _sequential_make_step(stages, config, phase, features):
-    def step(states, extra, x, y, key):
-        states, m = sequential_step(stages, states, phase, x, y, features=features)
-        return states, extra, _metrics(m)
-
-    return step
-
-
-def _sequential_phase_inputs(trainer: Trainer, states: list[StageState], phase: int) -> jax.Array | None:
-    config = trainer.config
-    if phase == 0 or config.augment or config.feature_cache_mb <= 0:
-        return None
-    shape = jax.eval_shape(
-        lambda x: forward_features(trainer.stages[:phase], states[:phase], x), trainer.train_images[:1]
-    ).shape
-    nbytes = trainer.num_train * int(np.prod(shape[1:])) * 4
-    if nbytes > config.feature_cache_mb * 2**20:
-        trainer.log(
-            f"sequential phase {phase}: frozen features need {nbytes / 2**20:.0f} MiB > feature_cache_mb="
-            f"{config.feature_cache_mb:g}; recomputing them every step instead"
-        )
-        return None
-    return trainer.frozen_features(states, phase)
-
-
-register_method(Method("dgl", "synchronous decoupled greedy learning (Algorithm 1)", _dgl_make_step))
-register_method(
-    Method(
-        "backprop",
-        "end-to-end backprop through the trunk and the last head (aux heads dropped)",
-        _backprop_make_step,
-        prepare_stages=lambda stages, config: drop_aux_heads(stages),
-    )
-)
-register_method(
-    Method(
-        "sequential",
-        "sequential greedy: stage j trains for `epochs` on the frozen stages below it",
-        _sequential_make_step,
-        num_phases=lambda k, config: k,
-        phase_inputs=_sequential_phase_inputs,
-    )
-)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Run state and events
-# ----------------------------------------------------------------------------------------------------------
 class RunState(NamedTuple):
     """Everything that determines the rest of a run: the stage states, the method's ``extra`` state, the
     base PRNG ``key`` (typed key; every per-epoch permutation and per-step key is derived from it), the
@@ -362,7 +107,7 @@ class Trainer:
         validate_config(config)
         self.config = config
         self.log = log
-        self.method = METHODS[config.method]
+        self.method = get_method(config.method)
         self.source: TrainSource | None = None
         self.eval_source: TrainSource | None = None  # the evaluation split, when it is streamed as well
         if config.loader == "grain":
@@ -407,7 +152,12 @@ class Trainer:
             decay_epochs=config.decay_epochs,
             decay_factor=config.decay_factor,
         )
-        self.stages = self.method.prepare_stages(with_optimizer(stages, lambda j: tx()), config)
+        stages = with_optimizer(stages, lambda j: tx())
+        if config.codec is not None:
+            from dgl_jax.codecs import parse_codec
+
+            stages = with_codec(stages, parse_codec(config.codec))
+        self.stages = self.method.prepare_stages(stages, config)
         self.num_stages = len(self.stages)
         self.num_phases = self.method.num_phases(self.num_stages, config)
         self.total_epochs = self.num_phases * config.epochs
@@ -424,18 +174,18 @@ class Trainer:
             self._example = jnp.asarray(self.source.read(np.arange(1))[0])
         self._stream: tuple[int, int, Iterator] | None = None  # (epoch, next step, batch iterator) of grain
         if self.eval_source is None:
-            self._eval_data = self._pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
+            self._eval_data = pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
             self.num_test = len(self.data.test_labels)
         else:
             self._eval_data, self.num_test = None, len(self.eval_source)
         self._chunk_fns: dict[tuple[int, bool], Callable] = {}
-        self._eval_fn = jax.jit(functools.partial(_eval_all, self.stages, self.method.eval_messages))
-        self._eval_batch_fn = jax.jit(functools.partial(_eval_batch, self.stages, self.method.eval_messages))
+        self._eval_fn = jax.jit(functools.partial(eval_all, self.stages))
+        self._eval_batch_fn = jax.jit(functools.partial(eval_batch, self.stages))
         self._phase = None
         self._phase_x = None
         self._order = None
         self._initial = None
-        self._order_fn = jax.jit(functools.partial(_epoch_order, n=n))
+        self._order_fn = jax.jit(functools.partial(epoch_order, n=n))
 
     # -- state -------------------------------------------------------------------------------------------
     def init_state(self) -> RunState:
@@ -443,7 +193,7 @@ class Trainer:
         trainer (the arrays are immutable and never donated, so the cached state can be handed out again)."""
         if self._initial is None:
             key = jax.random.key(self.config.seed)
-            example = self._example
+            example = jax.ShapeDtypeStruct((self.config.batch_size, *self._example.shape[1:]), self._example.dtype)
             states = init_stage_states(self.stages, jax.random.fold_in(key, 0), example)
             extra = self.method.init_extra(self.stages, states, self.config, jax.random.fold_in(key, 3), example)
             self._initial = RunState(states, extra, key, 0, 0)
@@ -470,7 +220,7 @@ class Trainer:
             step = self.method.make_step(self.stages, self.config, phase, features)
             static = (self.config.batch_size, self.steps_per_epoch, self.augment)
             if self.source is not None:
-                one = jax.jit(functools.partial(_streamed_step, step, self.augment))
+                one = jax.jit(functools.partial(streamed_step, step, self.augment))
 
                 def run(states, extra, batches, labels, perm, step_base, start):
                     ms = []
@@ -483,10 +233,10 @@ class Trainer:
                 self._chunk_fns[phase, features] = run
             elif self.loop == "scan":
                 self._chunk_fns[phase, features] = jax.jit(
-                    functools.partial(_run_chunk, step, self.chunk_steps, *static)
+                    functools.partial(run_chunk, step, self.chunk_steps, *static)
                 )
             else:
-                one = jax.jit(functools.partial(_one_step, step, *static))
+                one = jax.jit(functools.partial(one_step, step, *static))
 
                 def run(states, extra, images, labels, perm, step_base, start):
                     ms = []
@@ -526,16 +276,6 @@ class Trainer:
         out = fn(states[:phase], x)
         return out.reshape(-1, *out.shape[2:])[:n]
 
-    @staticmethod
-    def _pad_eval(x: np.ndarray, y: np.ndarray, batch: int):
-        n = len(y)
-        b = min(batch, n)
-        pad = -n % b
-        xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(-1, b, *x.shape[1:])
-        ys = np.concatenate([y, np.zeros((pad,), y.dtype)]).reshape(-1, b)
-        mask = (np.arange(n + pad) < n).reshape(-1, b)
-        return jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(mask)
-
     def _evaluate_streamed(self, states: list[StageState], extra: PyTree) -> PyTree:
         """Sums of :func:`dgl_jax.train.evaluate_batch` over :attr:`eval_source`, read in batches of
         ``min(eval_batch_size, num_test)`` (the last one zero-padded and masked) on ``GRAIN_THREADS``
@@ -556,7 +296,7 @@ class Trainer:
         options = grain.ReadOptions(num_threads=GRAIN_THREADS, prefetch_buffer_size=GRAIN_PREFETCH)
         total = None
         for x, y, mask in ds.to_iter_dataset(options):
-            out = self._eval_batch_fn(states, extra, x, y, mask)
+            out = self._eval_batch_fn(states, x, y, mask)
             total = out if total is None else jax.tree.map(jnp.add, total, out)
         return total
 
@@ -573,9 +313,9 @@ class Trainer:
             if images is None:
                 (xs, ys, mask), n = self._eval_data, self.num_test
             else:
-                xs, ys, mask = self._pad_eval(np.asarray(images), np.asarray(labels), self.config.eval_batch_size)
+                xs, ys, mask = pad_eval(np.asarray(images), np.asarray(labels), self.config.eval_batch_size)
                 n = len(labels)
-            out = self._eval_fn(states, extra, xs, ys, mask)
+            out = self._eval_fn(states, xs, ys, mask)
         out = jax.device_get(out)
         has = np.asarray(self.has_head)
         acc = np.where(has, np.asarray(out.per_head) / n, np.nan)
@@ -640,87 +380,3 @@ def _nanmean(v: np.ndarray) -> Any:
     sums = np.where(np.isfinite(v), v, 0.0).sum(axis=0)
     counts = np.isfinite(v).sum(axis=0)
     return np.where(ok, sums / np.maximum(counts, 1), np.nan).tolist()
-
-
-def _epoch_order(key, epoch, n):
-    """The epoch's example order ``perm`` (a permutation of ``n`` from ``fold_in(fold_in(key, 1), epoch)``)
-    and the base of its step keys ``fold_in(fold_in(key, 2), epoch)``."""
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1), epoch), n)
-    return perm, jax.random.fold_in(jax.random.fold_in(key, 2), epoch)
-
-
-def _batch_at(images, labels, perm, step_base, s, batch, steps_per_epoch, augment):
-    """Batch ``s`` of the epoch: ``perm[s*batch:(s+1)*batch]`` gathered, then :func:`_augment_at`."""
-    idx = jax.lax.dynamic_slice_in_dim(perm, jnp.minimum(s, steps_per_epoch - 1) * batch, batch)
-    return _augment_at(images[idx], labels[idx], step_base, s, augment)
-
-
-def _augment_at(x, y, step_base, s, augment):
-    """Batch ``s`` (``x: [batch, H, W, C]``) augmented with ``fold_in(fold_in(step_base, s), 0)`` when
-    ``augment`` is ``(padding, flip)``; returns ``(x, y, key)`` with the step's method key ``fold_in(..., 1)``."""
-    skey = jax.random.fold_in(step_base, s)
-    if augment is not None:
-        x = augment_batch(jax.random.fold_in(skey, 0), x, *augment)
-    return x, y, jax.random.fold_in(skey, 1)
-
-
-def _streamed_step(step_fn, augment, states, extra, x, y, step_base, s):
-    """One optimizer step on batch ``s`` read by the host (``x: [batch, H, W, C]``, ``y: [batch]``)."""
-    x, y, k = _augment_at(x, y, step_base, s, augment)
-    return step_fn(states, extra, x, y, k)
-
-
-def _one_step(step_fn, batch, steps_per_epoch, augment, states, extra, images, labels, perm, step_base, s):
-    """One optimizer step on batch ``s`` (gathered inside jit): ``(states, extra, metrics)``."""
-    x, y, k = _batch_at(images, labels, perm, step_base, s, batch, steps_per_epoch, augment)
-    return step_fn(states, extra, x, y, k)
-
-
-def _run_chunk(step_fn, chunk, batch, steps_per_epoch, augment, states, extra, images, labels, perm, step_base, start):
-    """``chunk`` optimizer steps from step ``start`` inside one ``lax.scan``; steps past the end of the epoch
-    are skipped (``lax.cond``) and report NaN metrics, so one compiled program serves every chunk."""
-    args = (images, labels, perm, step_base)
-    x0, y0, k0 = _batch_at(*args, jnp.int32(0), batch, steps_per_epoch, augment)
-    metric_shapes = jax.eval_shape(step_fn, states, extra, x0, y0, k0)[2]
-
-    def body(carry, i):
-        s = start + i
-
-        def run(c):
-            st, ex, m = _one_step(step_fn, batch, steps_per_epoch, augment, c[0], c[1], *args, s)
-            return (st, ex), m
-
-        def skip(c):
-            return c, jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), metric_shapes)
-
-        return jax.lax.cond(s < steps_per_epoch, run, skip, carry)
-
-    (states, extra), metrics = jax.lax.scan(body, (list(states), extra), jnp.arange(chunk))
-    return states, extra, metrics
-
-
-def _eval_batch(stages, eval_messages, states, extra, x, y, mask):
-    """:func:`evaluate_batch` on one padded batch ``x: [b, H, W, C]``, ``y: [b]``, ``mask: [b]``."""
-    return evaluate_batch(stages, states, x, y, mask=mask, messages=eval_messages(extra) if extra else None)
-
-
-def _eval_all(stages, eval_messages, states, extra, xs, ys, mask):
-    messages = eval_messages(extra) if extra else None
-
-    def one(total, batch):
-        x, y, m = batch
-        out = evaluate_batch(stages, states, x, y, mask=m, messages=messages)
-        return jax.tree.map(jnp.add, total, out), None
-
-    zero = jax.eval_shape(lambda: evaluate_batch(stages, states, xs[0], ys[0], mask=mask[0], messages=messages))
-    zero = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), zero)
-    total, _ = jax.lax.scan(one, zero, (xs, ys, mask))
-    return total
-
-
-# Methods defined next to their algorithms register themselves once the registry exists.
-from dgl_jax.asynchronous import register_methods as _register_async  # noqa: E402
-from dgl_jax.dni import register_methods as _register_dni  # noqa: E402
-
-_register_dni()
-_register_async()

@@ -1,22 +1,34 @@
-"""Synchronous DGL with vector-quantized messages between stages, and jitted sweeps over VQ configurations.
+"""Synchronous DGL with vector-quantized messages, and jitted sweeps over VQ configurations.
 
-At every boundary ``j -> j+1`` with a :class:`VQConfig`:
+This is the engine of codebook sweeps (``experiments/vq_sweep.py``). A boundary ``j -> j+1`` quantized by a
+:class:`VQConfig` is a boundary codec (:func:`boundary_codec`, a :class:`dgl_jax.codecs.Codec`) whose state,
+kept in the sender's :attr:`StageState.codec <dgl_jax.stage.StageState>`, is a :class:`Boundary`:
 
-* the **sender** (stage j) runs its usual local step (the core :func:`dgl_jax.train.stage_step`), encodes
-  its output with the codebook the receiver holds, and updates its own EMA k-means state
-  (:func:`dgl_jax.vq.update`, dead-code restarts included);
-* only the **codes** ``[batch, H, W, G]`` (uint8/uint16) cross the boundary, plus, every ``sync_every``
-  steps, the sender's codebook ``[G, K, d]`` (accounted for by :func:`boundary_traffic`);
-* the **receiver** (stage j+1) decodes the codes with its copy of the codebook and trains on the result.
+* the **sender** (stage j) takes its usual local step (:func:`dgl_jax.steps.local_update`), encodes its
+  output with the codebook copy the receiver holds and updates its own EMA k-means state
+  (:func:`dgl_jax.vq.update`, dead-code restarts included); every ``sync_every`` of its updates the
+  receiver's copy is refreshed;
+* the wire is a :class:`dgl_jax.codecs.VQWire`: the codes ``[batch, H, W, G]`` (uint8/uint16, unpacked) and
+  the receiver's codebook copy ``[G, K, d]`` they index (padded to ``max_codes`` in a ``vmap`` sweep);
+* the **receiver** (stage j+1) decodes the codes with that codebook and trains on the result.
 
 Encoding with the receiver's copy keeps encoder and decoder consistent when ``sync_every > 1``; with
-``sync_every = 1`` (default) both copies are equal at every step and this is plain EMA-VQ. Everything runs
-inside one jitted step (no host round-trip). A boundary whose config is ``None`` passes float features,
-so with every config ``None`` :func:`vq_dgl_step` computes exactly :func:`dgl_jax.train.dgl_step`.
+``sync_every = 1`` (default) both copies are equal at every step and this is plain EMA-VQ, the math of
+:func:`dgl_jax.codecs.vq`. Codebooks are seeded from the stages' train-mode outputs on the first batch
+(:func:`init_vq`). :func:`vq_dgl_step` is :func:`dgl_jax.steps.dgl_step` on the stages with these codecs
+(:func:`vq_stages`), plus VQ health metrics; with every config ``None`` it computes exactly ``dgl_step``.
+Evaluation needs nothing special: :func:`dgl_jax.steps.evaluate_batch` on :func:`vq_stages` sends every
+boundary through ``decode(encode(.))`` with the receiver's codebook, as a deployed pipeline would.
 
-NaN handling (checkify-free): the step returns ``nonfinite: [K]`` (stage j's output holds NaN/inf) in its
-metrics; :func:`check_metrics` raises a ``ValueError`` naming the first such stage on the host. Outside
-``jit``, :func:`dgl_jax.vq.encode` checks concrete inputs directly.
+Keys follow the library: stage j of a step uses ``fold_in(key, j)``, split into its layers' key and its
+codec's key (dead-code restarts) by :func:`dgl_jax.objective.split_key`.
+
+Metrics are a dict (the library's one metrics type) of ``[K]`` arrays: ``loss``, ``accuracy``, and for
+boundary ``j -> j+1`` at index j (NaN for float boundaries and for the last stage, which sends nothing)
+``distortion`` (relative squared error of the decoded features), ``coverage`` and ``perplexity`` of the
+batch's codes; ``nonfinite`` (bool): stage j's output held NaN/inf. :func:`check_metrics` raises a
+``ValueError`` naming the first such stage on the host (checkify-free). Outside ``jit``,
+:func:`dgl_jax.vq.encode` checks concrete inputs directly.
 
 Sweeps (:func:`make_sweep`): configurations that differ only in ``num_codes`` form one *class*; a class is
 padded to its largest codebook (padding codes are masked: never chosen, updated or restarted;
@@ -25,10 +37,9 @@ trained by one ``vmap`` of :func:`vq_dgl_step`. Classes of different group layou
 calls inside the same jitted function, so the whole sweep is one compiled program and one dispatch per
 step. Each member sees the same batches, keys and initial weights as when run alone.
 
-Replay buffers of codes (async DGL): :func:`push_codes` encodes a batch with the receiver's codebook and
-stores ``(codes uint8/uint16 [batch, H, W, G], labels [batch])`` in a :mod:`dgl_jax.buffer` ring buffer;
-:func:`sample_codes` samples and decodes with the receiver's current codebook. :func:`buffer_memory`
-gives the bytes such buffers take vs float32 buffers (codes plus the codebook the receiver keeps).
+Bytes: this module counts none. The traffic and memory of a configuration are those of the library codec it
+stands for (:meth:`VQConfig.codec`: :func:`dgl_jax.codecs.vq`, packed codes plus the codebook on every
+send), measured by :mod:`dgl_jax.accounting` on stages built with :func:`as_codecs`.
 """
 
 from __future__ import annotations
@@ -41,12 +52,13 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from dgl_jax import buffer, vq
-from dgl_jax.objective import stage_apply
-from dgl_jax.stage import Stage, StageState
-from dgl_jax.train import _check, evaluate_batch, stage_step
+from dgl_jax import codecs, vq
+from dgl_jax.objective import split_key, stage_apply, stage_key
+from dgl_jax.stage import Stage, StageState, with_codec
+from dgl_jax.steps import _check, evaluate_batch, local_update, stack_metrics
 
 PyTree = Any
+Metrics = dict[str, jax.Array]
 INIT_METHODS = ("sample", "kmeans++")
 
 
@@ -87,29 +99,32 @@ class VQConfig:
         """``(groups, code_dim)`` for a boundary of ``channels`` channels (``ValueError`` if it does not divide)."""
         return vq.resolve_groups(channels, self.code_dim, self.groups)
 
+    def codec(self, packed: bool = True) -> codecs.Codec:
+        """The library codec this configuration stands for (:func:`dgl_jax.codecs.vq` with the same ``K``,
+        layout and EMA settings; ``packed``: ``ceil(log2 K)``-bit codes). Its wire, packed codes plus the
+        unpadded codebook on every send, is what traffic and buffer memory are measured on. With
+        ``sync_every > 1`` it still sends the codebook on every step."""
+        return codecs.vq(
+            self.num_codes,
+            self.code_dim,
+            self.groups,
+            packed=packed,
+            decay=self.decay,
+            eps=self.eps,
+            restart_threshold=self.restart_threshold,
+            init=self.init,
+        )
+
 
 Plan = Sequence[VQConfig | None]
 
 
 class Boundary(NamedTuple):
-    """VQ state of one boundary: the sender's EMA k-means state and the receiver's codebook copy ``[G, K, d]``."""
+    """State of a quantized boundary (the codec state of its sender): the sender's EMA k-means state and the
+    receiver's codebook copy ``[G, K, d]``."""
 
     sender: vq.VQState
     receiver: jax.Array
-
-
-class VQMetrics(NamedTuple):
-    """Per-step metrics: ``loss``/``accuracy`` ``[K]`` (as :class:`dgl_jax.train.StepMetrics`), and per
-    boundary ``[K-1]`` (NaN where not quantized): ``distortion`` (relative squared error of the decoded
-    features), ``coverage`` and ``perplexity`` of the batch's codes; ``nonfinite`` ``[K]`` bool: stage j's
-    output held NaN/inf."""
-
-    loss: jax.Array
-    accuracy: jax.Array
-    distortion: jax.Array
-    coverage: jax.Array
-    perplexity: jax.Array
-    nonfinite: jax.Array
 
 
 def as_plan(configs: VQConfig | Plan | None, num_stages: int) -> tuple[VQConfig | None, ...]:
@@ -122,17 +137,60 @@ def as_plan(configs: VQConfig | Plan | None, num_stages: int) -> tuple[VQConfig 
     return plan
 
 
-def boundary_shapes(stages: Sequence[Stage], states: Sequence[StageState], example: jax.Array) -> list[tuple]:
-    """Output shapes ``(H, W, C)`` of stages ``0..K-2`` (the messages) for inputs shaped like ``example``."""
-    shapes, x = [], jax.ShapeDtypeStruct(example.shape, example.dtype)
-    for stage, st in zip(stages[:-1], states[:-1], strict=True):
-        x = jax.eval_shape(
-            lambda p, b, x, stage=stage: stage_apply(stage, p, b, x, True).features, st.params, st.batch_stats, x
+def as_codecs(configs: VQConfig | Plan | None, num_stages: int, packed: bool = True) -> list[codecs.Codec | None]:
+    """The library codecs (:meth:`VQConfig.codec`) of a plan, one per boundary (``None``: float32), for
+    :func:`dgl_jax.stage.with_codec` and then :mod:`dgl_jax.accounting`."""
+    return [None if c is None else c.codec(packed) for c in as_plan(configs, num_stages)]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The boundary codec
+# ----------------------------------------------------------------------------------------------------------
+def boundary_codec(cfg: VQConfig) -> codecs.Codec:
+    """A boundary quantized by ``cfg`` as a :class:`dgl_jax.codecs.Codec` whose state is a :class:`Boundary`.
+
+    * ``init(example, key=None)``: a random codebook (:func:`dgl_jax.vq.init`, padded to ``cfg.max_codes``),
+      shared by sender and receiver; :func:`init_vq` seeds it from data instead.
+    * ``encode(boundary, x, key=None)``: codes of ``x: [batch, ..., C]`` with the receiver's copy (the
+      sender's padding mask), then the sender's EMA k-means update (dead-code restarts only with ``key``),
+      then, every ``cfg.sync_every`` updates, the receiver's copy refreshed. The wire is
+      ``VQWire(codes, receiver codebook before the sync)``.
+    * ``decode(wire)``: the centroids of the codes, float32 ``[batch, ..., C]``.
+    """
+    name = f"vq-sweep:{cfg.num_codes}:{cfg.code_dim if cfg.code_dim is not None else f'g{cfg.groups}'}"
+
+    def init(example: PyTree, key: jax.Array | None = None) -> Boundary:
+        (x,) = jax.tree.leaves(example)
+        groups, code_dim = cfg.layout(int(x.shape[-1]))
+        key = jax.random.key(0) if key is None else key
+        s = vq.init(key, cfg.num_codes, code_dim, groups, max_codes=cfg.max_codes)
+        return Boundary(s, s.codebook)
+
+    def encode(b: Boundary, x: jax.Array, key: jax.Array | None = None) -> tuple[Boundary, codecs.VQWire]:
+        codes = vq.encode(b.sender._replace(codebook=b.receiver), x)
+        sender = vq.update(
+            b.sender, x, codes, decay=cfg.decay, eps=cfg.eps, key=key, restart_threshold=cfg.restart_threshold
         )
-        shapes.append(tuple(x.shape[1:]))
-    return shapes
+        receiver = jnp.where(sender.step % cfg.sync_every == 0, sender.codebook, b.receiver)  # periodic sync
+        return Boundary(sender, receiver), codecs.VQWire(codes=codes, codebook=b.receiver)
+
+    def decode(wire: codecs.VQWire) -> jax.Array:
+        return vq.decode(wire.codebook, wire.codes)
+
+    return codecs.Codec(init, encode, decode, name)
 
 
+def vq_stages(stages: Sequence[Stage], configs: VQConfig | Plan | None) -> list[Stage]:
+    """``stages`` with the :func:`boundary_codec` of every quantized boundary (``None``: float messages), as
+    trained by :func:`vq_dgl_step`; :func:`dgl_jax.steps.evaluate_batch` on them evaluates through the
+    receivers' codebooks."""
+    plan = as_plan(configs, len(stages))
+    return with_codec(stages, [None if c is None else boundary_codec(c) for c in plan])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Seeding
+# ----------------------------------------------------------------------------------------------------------
 def message_features(stages: Sequence[Stage], states: Sequence[StageState], x: jax.Array) -> list[jax.Array]:
     """Train-mode outputs of stages ``0..K-2`` on ``x: [batch, H, W, C]`` (the float messages; jitted, and
     compiled once per stage list and input shape)."""
@@ -143,7 +201,7 @@ def message_features(stages: Sequence[Stage], states: Sequence[StageState], x: j
 def _message_features(stages: tuple[Stage, ...], states: list[StageState], x: jax.Array) -> list[jax.Array]:
     out = []
     for stage, st in zip(stages[:-1], states[:-1], strict=True):
-        x = stage_apply(stage, st.params, st.batch_stats, x, True).features
+        x = stage_apply(stage, st.params, st.model_state, x, True).features
         out.append(x)
     return out
 
@@ -155,17 +213,18 @@ def init_vq(
     key: jax.Array,
     x: jax.Array,
     features: Sequence[jax.Array] | None = None,
-) -> list[Boundary | None]:
-    """Codebooks of every quantized boundary, seeded (``config.init``) from the stages' train-mode outputs
-    on the first batch ``x: [batch, H, W, C]`` (or from precomputed ``features``, see
-    :func:`message_features`); ``None`` for unquantized boundaries. Boundary j uses ``fold_in(key, j)``."""
+) -> list[StageState]:
+    """``states`` with the codec state of every quantized boundary set to a :class:`Boundary` whose codebook
+    is seeded (``config.init``) from the stages' train-mode outputs on the first batch ``x: [batch, H, W,
+    C]`` (or from precomputed ``features``, see :func:`message_features`); unquantized boundaries (and the
+    last stage) get ``()``. Boundary j uses ``fold_in(key, j)``. Train them with :func:`vq_dgl_step`."""
     _check(stages, states)
     plan = as_plan(configs, len(stages))
     features = message_features(stages, states, x) if features is None else features
     out = []
     for j, (cfg, f) in enumerate(zip(plan, features, strict=True)):
         if cfg is None:
-            out.append(None)
+            out.append(states[j]._replace(codec=()))
             continue
         vq.check_finite(f, j)
         groups, code_dim = cfg.layout(f.shape[-1])
@@ -175,8 +234,8 @@ def init_vq(
                 f"got {f.size // f.shape[-1]} at the output of stage {j}"
             )
         s = _seed_codebook(jax.random.fold_in(key, j), f, cfg.num_codes, code_dim, groups, cfg.max_codes, cfg.init)
-        out.append(Boundary(s, jnp.copy(s.codebook)))  # distinct buffers (donation)
-    return out
+        out.append(states[j]._replace(codec=Boundary(s, jnp.copy(s.codebook))))  # distinct buffers (donation)
+    return [*out, states[-1]._replace(codec=())]
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3, 4, 5, 6))
@@ -188,138 +247,57 @@ def _seed_codebook(
     return vq.init_from_data(s, k2, feats, method)
 
 
-def send_codes(cfg: VQConfig, b: Boundary, feats: jax.Array, key: jax.Array) -> tuple[Boundary, jax.Array, vq.VQStats]:
-    """The sender's half of a boundary: encodes ``feats: [batch, H, W, C]`` with the receiver's codebook
-    copy, updates its own EMA k-means state (``key``: dead-code restarts) and, every ``cfg.sync_every`` of
-    its updates, refreshes the receiver's copy. Returns ``(new boundary, codes [batch, H, W, G], stats)``.
-    Used by synchronous (:func:`quantize_boundary`) and asynchronous (:mod:`dgl_jax.asynchronous`) DGL."""
-    codes = vq.encode(b.sender._replace(codebook=b.receiver), feats)  # sender, with the receiver's codebook
-    sender = vq.update(
-        b.sender, feats, codes, decay=cfg.decay, eps=cfg.eps, key=key, restart_threshold=cfg.restart_threshold
-    )
-    receiver = jnp.where(sender.step % cfg.sync_every == 0, sender.codebook, b.receiver)  # periodic sync
-    return Boundary(sender, receiver), codes, vq.stats(sender, codes)
-
-
-def quantize_boundary(
-    cfg: VQConfig, b: Boundary, feats: jax.Array, key: jax.Array
-) -> tuple[Boundary, jax.Array, jax.Array, vq.VQStats]:
-    """One boundary: sender encodes ``feats`` and updates its codebook (:func:`send_codes`); receiver decodes
-    with its pre-sync copy. Returns ``(new boundary, decoded features, codes, stats)``; ``codes`` is all
-    that crossed (plus the sync)."""
-    new, codes, st = send_codes(cfg, b, feats, key)
-    x_hat = vq.decode(b.receiver, codes)  # receiver
-    return new, x_hat, codes, st
-
-
+# ----------------------------------------------------------------------------------------------------------
+# The step
+# ----------------------------------------------------------------------------------------------------------
 def vq_dgl_step(
     stages: Sequence[Stage],
     configs: VQConfig | Plan | None,
     states: Sequence[StageState],
-    boundaries: Sequence[Boundary | None],
     x: jax.Array,
     labels: jax.Array,
-    key: jax.Array,
-) -> tuple[list[StageState], list[Boundary | None], VQMetrics]:
+    key: jax.Array | None = None,
+) -> tuple[list[StageState], Metrics]:
     """Synchronous DGL step with quantized messages on ``x: [batch, H, W, C]``, ``labels: [batch]``.
 
-    ``stages`` and ``configs`` are static (close over them before ``jit``); ``key`` drives dead-code
-    restarts (boundary j uses ``fold_in(key, j)``). Returns ``(states, boundaries, metrics)``.
+    ``stages`` and ``configs`` are static (close over them before ``jit``); ``states`` come from
+    :func:`init_vq` (a quantized boundary's :class:`Boundary` is its sender's codec state). Stage j uses
+    ``fold_in(key, j)``, split into its layers' and its codec's key, as :func:`dgl_jax.steps.dgl_step` does
+    on :func:`vq_stages`, which computes the same states. Returns ``(states, metrics)`` (see the module
+    docstring for the metrics).
     """
     _check(stages, states)
-    plan = as_plan(configs, len(stages))
+    stages = vq_stages(stages, configs)
+    k = len(stages)
     nan = jnp.full((), jnp.nan, jnp.float32)
-    new_states, new_bounds, losses, accs, dist, cov, ppl, bad = [], [], [], [], [], [], [], []
+    new_states, per_stage = [], []
     for j, (stage, state) in enumerate(zip(stages, states, strict=True)):
-        state, feats, loss, acc = stage_step(stage, state, x, labels)
-        new_states.append(state)
-        losses.append(loss)
-        accs.append(acc)
-        bad.append(~jnp.all(jnp.isfinite(feats)))
-        if j == len(stages) - 1:
-            break
-        cfg = plan[j]
-        if cfg is None:
-            new_bounds.append(None)
-            x = feats
-            dist.append(nan), cov.append(nan), ppl.append(nan)
-            continue
-        b, x, _, st = quantize_boundary(cfg, boundaries[j], feats, jax.random.fold_in(key, j))
-        new_bounds.append(b)
-        dist.append(vq.distortion(feats, x)), cov.append(st.coverage), ppl.append(st.perplexity)
-    stack = lambda v: jnp.stack(v) if v else jnp.zeros((0,), jnp.float32)  # noqa: E731
-    metrics = VQMetrics(jnp.stack(losses), jnp.stack(accs), stack(dist), stack(cov), stack(ppl), jnp.stack(bad))
-    return new_states, new_bounds, metrics
+        k_layers, k_codec = split_key(stage_key(key, j))
+        new_state, feats, m = local_update(stage, state, x, labels, k_layers)
+        m = {**m, "distortion": nan, "coverage": nan, "perplexity": nan}
+        m["nonfinite"] = ~jnp.all(jnp.isfinite(feats))
+        if j < k - 1 and stage.codec is not None:
+            b, wire = stage.codec.encode(state.codec, feats, k_codec)
+            new_state = new_state._replace(codec=b)
+            x_hat = stage.codec.decode(wire)
+            st = vq.stats(b.sender, wire.codes)
+            m.update(distortion=vq.distortion(feats, x_hat), coverage=st.coverage, perplexity=st.perplexity)
+            feats = x_hat
+        new_states.append(new_state)
+        per_stage.append(m)
+        x = feats
+    nonfinite = jnp.stack([m.pop("nonfinite") for m in per_stage])
+    return new_states, {**stack_metrics(per_stage), "nonfinite": nonfinite}
 
 
-def vq_evaluate_batch(
-    stages: Sequence[Stage],
-    configs: VQConfig | Plan | None,
-    states: Sequence[StageState],
-    boundaries: Sequence[Boundary | None],
-    x: jax.Array,
-    labels: jax.Array,
-) -> jax.Array:
-    """Correct-prediction counts ``[K]`` of every head (BatchNorm in eval mode), with each quantized
-    boundary encoding/decoding with the receiver's codebook, as a deployed pipeline would."""
-    plan = as_plan(configs, len(stages))
-    bounds = [b if c is not None else None for c, b in zip(plan, boundaries, strict=True)]
-    return evaluate_batch(stages, states, x, labels, messages=eval_messages(bounds)).per_head
-
-
-def eval_messages(boundaries: Sequence[Boundary | None]) -> list[Callable[[jax.Array], jax.Array] | None]:
-    """For :func:`dgl_jax.train.evaluate_batch`: per boundary, ``x -> decode(encode(x))`` with the receiver's
-    codebook (None for a float boundary)."""
-
-    def roundtrip(b: Boundary) -> Callable[[jax.Array], jax.Array]:
-        shared = b.sender._replace(codebook=b.receiver)
-        return lambda x: vq.decode(shared, vq.encode(shared, x))
-
-    return [None if b is None else roundtrip(b) for b in boundaries]
-
-
-def check_metrics(metrics: VQMetrics) -> None:
+def check_metrics(metrics: Metrics) -> None:
     """Host-side check: raises ``ValueError`` naming the first stage (0-based) whose output was non-finite.
     Works on the metrics of one step or of a sweep/scan (any leading axes)."""
-    bad = jnp.asarray(metrics.nonfinite)
+    bad = jnp.asarray(metrics["nonfinite"])
     bad = bad.reshape(-1, bad.shape[-1]).any(0)
     if bool(bad.any()):
         j = int(jnp.argmax(bad))
         raise ValueError(f"non-finite (NaN or inf) features at the output of stage {j}: cannot quantize them")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Traffic accounting
-# ----------------------------------------------------------------------------------------------------------
-class Traffic(NamedTuple):
-    """Bits per sample crossing each boundary: ``codes`` (indices), ``sync`` (codebook updates amortised
-    per sample), ``total``, ``float32`` (what plain DGL sends) and the compression ``ratio_fp32`` /
-    ``ratio_bf16`` of ``total`` vs float32 / bfloat16 messages. One entry per boundary."""
-
-    codes: list[float]
-    sync: list[float]
-    total: list[float]
-    float32: list[float]
-    ratio_fp32: list[float]
-    ratio_bf16: list[float]
-
-
-def boundary_traffic(plan: Plan, shapes: Sequence[tuple], batch_size: int) -> Traffic:
-    """:class:`Traffic` of ``plan`` for message shapes ``shapes`` (from :func:`boundary_shapes`)."""
-    if len(plan) != len(shapes):
-        raise ValueError(f"got {len(plan)} configs for {len(shapes)} boundaries")
-    codes, sync, total, f32, r32, r16 = [], [], [], [], [], []
-    for cfg, shape in zip(plan, shapes, strict=True):
-        fbits = vq.bits_per_sample(shape)
-        if cfg is None:
-            c, s = float(fbits), 0.0
-        else:
-            g, d = cfg.layout(shape[-1])
-            c = float(vq.bits_per_sample(shape, cfg.num_codes, g))
-            s = vq.codebook_bits(cfg.num_codes, d, g) / (batch_size * cfg.sync_every)
-        codes.append(c), sync.append(s), total.append(c + s), f32.append(float(fbits))
-        r32.append(fbits / (c + s)), r16.append(fbits / 2 / (c + s))
-    return Traffic(codes, sync, total, f32, r32, r16)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -331,10 +309,12 @@ class Sweep(NamedTuple):
     * ``init(states, vq_key, x) -> carry``: every configuration starts from copies of the same stage states
       (e.g. ``init_stage_states(stages, key, x)``) and codebooks seeded from the first batch ``x`` as
       :func:`init_vq` would (``vq_key``);
-    * ``step(carry, x, labels, key) -> (carry, metrics)``: pure; jit it once. ``metrics`` is a list (one per
-      configuration, in ``plans`` order) of :class:`VQMetrics`;
-    * ``evaluate(carry, x, labels) -> [n_configs, K]`` correct counts (pure; jit it);
-    * ``select(carry, i) -> (states, boundaries)``: configuration ``i`` as if trained alone.
+    * ``step(carry, x, labels, key) -> (carry, metrics)``: pure; jit it once. ``metrics`` is a list (one
+      metrics dict per configuration, in ``plans`` order, see :func:`vq_dgl_step`);
+    * ``evaluate(carry, x, labels) -> [n_configs, K]`` correct counts of every head through the quantized
+      boundaries (pure; jit it);
+    * ``select(carry, i) -> states``: configuration ``i`` as if trained alone (codebooks in the codec states;
+      padded to its class's largest codebook in ``vmap`` mode).
     """
 
     plans: tuple
@@ -390,27 +370,27 @@ def make_sweep(stages: Sequence[Stage], plans: Sequence[VQConfig | Plan | None],
         _check(stages, states0)
         feats = message_features(stages, states0, x)
         for members, pads in groups:
-            sts, bds = [], []
+            sts = []
             for i in members:
-                sts.append(jax.tree.map(jnp.copy, states0))  # same weights, distinct buffers (donation)
-                bds.append(init_vq(stages, states0, member_plan(i, pads), vq_key, x, feats))
-            carry.append((stack(sts), stack(bds)) if batched else (sts[0], bds[0]))
+                copy = jax.tree.map(jnp.copy, states0)  # same weights, distinct buffers (donation)
+                sts.append(init_vq(stages, copy, member_plan(i, pads), vq_key, x, feats))
+            carry.append(stack(sts) if batched else sts[0])
         return carry
 
     def step(carry, x, labels, key):
         new, metrics = [], [None] * len(plans)
-        for (members, _), plan, (sts, bds) in zip(groups, padded_plans, carry, strict=True):
-            fn = lambda s, b, plan=plan: vq_dgl_step(stages, plan, s, b, x, labels, key)  # noqa: E731
-            sts, bds, m = vmap(fn)(sts, bds)
-            new.append((sts, bds))
+        for (members, _), plan, sts in zip(groups, padded_plans, carry, strict=True):
+            sts, m = vmap(lambda s, plan=plan: vq_dgl_step(stages, plan, s, x, labels, key))(sts)
+            new.append(sts)
             for r, i in enumerate(members):
                 metrics[i] = jax.tree.map(lambda a, r=r: row(a, r), m)
         return new, metrics
 
     def evaluate(carry, x, labels):
         out = [None] * len(plans)
-        for (members, _), plan, (sts, bds) in zip(groups, padded_plans, carry, strict=True):
-            c = vmap(lambda s, b, plan=plan: vq_evaluate_batch(stages, plan, s, b, x, labels))(sts, bds)
+        for (members, _), plan, sts in zip(groups, padded_plans, carry, strict=True):
+            coded = vq_stages(stages, plan)
+            c = vmap(lambda s, coded=coded: evaluate_batch(coded, s, x, labels).per_head)(sts)
             for r, i in enumerate(members):
                 out[i] = row(c, r)
         return jnp.stack(out)
@@ -423,72 +403,3 @@ def make_sweep(stages: Sequence[Stage], plans: Sequence[VQConfig | Plan | None],
         raise IndexError(f"configuration {i} out of range for {len(plans)} configurations")
 
     return Sweep(plans, init, step, evaluate, select)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Replay buffers holding codes (asynchronous DGL)
-# ----------------------------------------------------------------------------------------------------------
-def init_code_buffer(capacity: int, b: Boundary, feature_shape: Sequence[int], batch_size: int) -> buffer.BufferState:
-    """An empty :mod:`dgl_jax.buffer` of ``capacity`` mini-batches of ``(codes [batch, H, W, G], labels
-    [batch] int32)`` for features ``(H, W, C)``; codes in the smallest dtype for the boundary's codebook."""
-    h, w, c = feature_shape
-    g, _, d = b.receiver.shape
-    if c != g * d:
-        raise ValueError(f"features have {c} channels but the codebook holds groups * code_dim = {g} * {d}")
-    dtype = vq.code_dtype(b.receiver.shape[1])
-    return buffer.init(capacity, (jnp.zeros((batch_size, h, w, g), dtype), jnp.zeros((batch_size,), jnp.int32)))
-
-
-def push_codes(
-    buf: buffer.BufferState,
-    b: Boundary,
-    feats: jax.Array,
-    labels: jax.Array,
-    tick: jax.Array | int | None = None,
-    valid: Any = True,
-) -> tuple[buffer.BufferState, jax.Array]:
-    """Encodes ``feats: [batch, H, W, C]`` with the receiver's codebook (the sender's padding mask) and pushes
-    ``(codes, labels)``; returns ``(buffer, codes)``. Jit-, scan- and vmap-friendly."""
-    codes = vq.encode(b.sender._replace(codebook=b.receiver), feats)
-    return buffer.push(buf, (codes, labels), tick, valid), codes
-
-
-def sample_codes(
-    buf: buffer.BufferState, b: Boundary, key: jax.Array | None = None, **kwargs: Any
-) -> tuple[tuple[jax.Array, jax.Array], jax.Array, buffer.BufferState]:
-    """Samples a stored batch (``kwargs`` as :func:`dgl_jax.buffer.sample`) and decodes it with the receiver's
-    *current* codebook: returns ``((x_hat [batch, H, W, C], labels [batch]), valid, buffer)``. Codes written
-    under an older codebook decode to the current centroids of the same indices (the stored data drifts
-    with the codebook, as in the paper's design where only indices are kept)."""
-    (codes, labels), valid, buf = buffer.sample(buf, key, **kwargs)
-    return (vq.decode(b.receiver, codes), labels), valid, buf
-
-
-class BufferMemory(NamedTuple):
-    """Bytes of replay buffers of ``num_batches`` mini-batches per boundary: ``codes`` (index storage),
-    ``codebook`` (the receiver's float32 codebook ``[G, K, d]``, held once per boundary), ``float32`` (the
-    same buffers of float32 features) and ``factor`` = ``float32 / (codes + codebook)``, summed over the
-    quantized boundaries (unquantized boundaries count as float32 in both). Labels are not included."""
-
-    codes: int
-    codebook: int
-    float32: int
-    factor: float
-
-
-def buffer_memory(plan: Plan, shapes: Sequence[tuple], num_batches: int, batch_size: int) -> BufferMemory:
-    """:class:`BufferMemory` of async-DGL buffers holding ``num_batches`` batches at every boundary of
-    ``plan`` (message shapes ``(H, W, C)`` from :func:`boundary_shapes`), via :func:`dgl_jax.vq.buffer_bytes`."""
-    if len(plan) != len(shapes):
-        raise ValueError(f"got {len(plan)} configs for {len(shapes)} boundaries")
-    codes = book = f32 = 0
-    for cfg, shape in zip(plan, shapes, strict=True):
-        full = vq.buffer_bytes(num_batches, batch_size, shape)
-        f32 += full
-        if cfg is None:
-            codes += full
-            continue
-        g, d = cfg.layout(shape[-1])
-        codes += vq.buffer_bytes(num_batches, batch_size, shape, cfg.num_codes, g)
-        book += vq.codebook_bits(cfg.num_codes, d, g) // 8
-    return BufferMemory(codes, book, f32, f32 / (codes + book))

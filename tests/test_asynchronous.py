@@ -50,7 +50,7 @@ def test_capacity_one_round_robin_is_synchronous_dgl(model, run_m1):
     ref, losses = fresh(states), []
     for t in range(T):
         ref, m = step(ref, X[t], Y[t])
-        losses.append(m.loss)
+        losses.append(m["loss"])
     st = A.init_async(stages, fresh(states), X[0], Y[0], A.AsyncConfig(capacity=1), jax.random.key(3))
     st, rec = run_m1(st, A.RoundRobin(K))
     for a, b in zip(ref, st.states):
@@ -185,7 +185,8 @@ def small_digits(digits):
 def test_trainer_async_round_robin_capacity_one_equals_dgl(small_digits):
     """The trainer's ``async`` method (M=1, round-robin) replays as plain ``dgl_step`` on the trainer's batches:
     the tick counter, buffers and warm-up carried in ``extra`` across steps are wired right."""
-    from dgl_jax.trainer import TrainConfig, Trainer, _epoch_order
+    from dgl_jax.input_pipeline import epoch_order
+    from dgl_jax.trainer import TrainConfig, Trainer
 
     cfg = TrainConfig(epochs=1, batch_size=32, augment=False, chunk_steps=1, head="linear", method="async",
                       method_options={"capacity": 1, "schedule": "round_robin"})  # fmt: skip
@@ -193,13 +194,13 @@ def test_trainer_async_round_robin_capacity_one_equals_dgl(small_digits):
     init = trainer.init_state()
     events = list(trainer.fit(init))
     assert len(events) == trainer.steps_per_epoch == 2
-    perm, _ = _epoch_order(init.key, 0, trainer.num_train)
+    perm, _ = epoch_order(init.key, 0, trainer.num_train)
     step = jax.jit(functools.partial(dgl_step, trainer.stages))
     ref, losses = init.stages, []
     for s in range(trainer.steps_per_epoch):
         idx = perm[s * 32 : (s + 1) * 32]
         ref, m = step(ref, trainer.train_images[idx], trainer.train_labels[idx])
-        losses.append(np.asarray(m.loss))
+        losses.append(np.asarray(m["loss"]))
     got = events[-1].state.stages
     chex.assert_trees_all_close([s.params for s in got], [s.params for s in ref], rtol=RTOL, atol=ATOL)
     chex.assert_trees_all_close([s.batch_stats for s in got], [s.batch_stats for s in ref], rtol=RTOL, atol=ATOL)

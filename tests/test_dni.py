@@ -32,7 +32,7 @@ def test_synthesizer_learns_on_a_fixed_problem(conditional):
     assert np.isfinite(losses).all()
     # Regression error of each synthesizer falls (first steps: zero prediction vs the true gradient).
     assert (losses[-5:].mean(0) < 0.5 * losses[1:4].mean(0)).all(), losses[[1, 2, 3, -3, -2, -1]]
-    assert float(m.loss) < 2.3
+    assert float(m["loss"]) < 2.3
 
 
 def test_synthetic_gradients_move_the_lower_blocks():

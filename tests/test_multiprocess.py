@@ -64,7 +64,7 @@ def test_two_processes_agree_with_single_device(tmp_path):
     losses = []
     for t in range(worker.T):
         states, m = step(states, x[t], y[t])
-        losses.append(np.asarray(m.loss))
+        losses.append(np.asarray(m["loss"]))
     got = np.load(out)
     ref_leaves = jax.tree.leaves(jax.device_get(states))
     got_leaves = [got[f"leaf{i}"] for i in range(len(ref_leaves))]

@@ -113,7 +113,7 @@ def reference(model):
     losses = []
     for t in range(T):
         states, m = step(states, X[t], Y[t])
-        losses.append(np.asarray(m.loss))
+        losses.append(np.asarray(m["loss"]))
     return states, np.stack(losses)
 
 
@@ -140,8 +140,8 @@ def test_pipelined_matches_dgl_step(model, reference, placement_kwargs):
     assert _param_devices(final) == [set(d) for d in placement.stage_devices]
     ref_states, ref_loss = reference
     chex.assert_trees_all_close(jax.device_get(final), jax.device_get(ref_states), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(metrics.loss, ref_loss, rtol=RTOL, atol=ATOL)
-    assert metrics.loss.shape == (T, len(stages))
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL, atol=ATOL)
+    assert metrics["loss"].shape == (T, len(stages))
 
 
 def test_pipeline_rejects_mismatches_before_compiling(model):
@@ -178,7 +178,7 @@ def test_spmd_heterogeneous_stages_match_dgl_step(model, reference):
         assert shard.device == pipe.mesh.devices[shard.index[0].start]
     # Tick 0 (pipeline fill): only stage 0 has a real batch; the others keep their state.
     state, m = pipe.tick(state, X[0], Y[0])
-    loss = np.asarray(m.loss)
+    loss = np.asarray(m["loss"])
     assert np.isfinite(loss[0]) and np.isnan(loss[1:]).all()
     unchanged = pipe.unpack(state)
     chex.assert_trees_all_equal(unchanged[1:], jax.device_get(states[1:]))
@@ -186,7 +186,7 @@ def test_spmd_heterogeneous_stages_match_dgl_step(model, reference):
     state, metrics = pipe.run(pipe.init(states), [(X[t], Y[t]) for t in range(T)])
     ref_states, ref_loss = reference
     chex.assert_trees_all_close(pipe.unpack(state), jax.device_get(ref_states), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(metrics.loss, ref_loss, rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL, atol=ATOL)
 
 
 def test_spmd_stage_and_data_axes_match_dgl_step():
@@ -196,12 +196,12 @@ def test_spmd_stage_and_data_axes_match_dgl_step():
     ref, losses = states, []
     for t in range(T):
         ref, m = step(ref, X[t], Y[t])
-        losses.append(np.asarray(m.loss))
+        losses.append(np.asarray(m["loss"]))
     pipe = SpmdPipeline(stages, _mesh((2, 2), ("stage", "data")), states, X[0], data_axis="data")
     state, metrics = pipe.run(pipe.init(states), [(X[t], Y[t]) for t in range(T)])
     assert tuple(state.msg.sharding.spec) == ("stage", "data")
     chex.assert_trees_all_close(pipe.unpack(state), jax.device_get(ref), rtol=RTOL, atol=ATOL)
-    np.testing.assert_allclose(metrics.loss, np.stack(losses), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["loss"], np.stack(losses), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,7 @@ def build(method="dgl", lr=0.05, dtype=jnp.float32, model="small_cnn", key=0, st
 def test_no_gradient_crosses_a_stage():
     stages, states = build()
     params = [s.params for s in states]
-    stats = [s.batch_stats for s in states]
+    stats = [s.model_state for s in states]
 
     def losses(params):  # [K]: every stage's own loss
         return jnp.stack([out[0] for out in greedy_loss(stages, params, stats, X, Y)[1]])
@@ -56,7 +56,7 @@ def test_no_gradient_crosses_a_stage():
 def test_greedy_loss_gradient_is_the_list_of_local_gradients():
     stages, states = build()
     params = [s.params for s in states]
-    stats = [s.batch_stats for s in states]
+    stats = [s.model_state for s in states]
     total_grads = jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0])(params)
     x = X
     for j, stage in enumerate(stages):
@@ -72,16 +72,16 @@ def test_dgl_step_equals_independent_per_stage_updates():
     # updated on its own with plain optax calls.
     x = X
     for j, (stage, st) in enumerate(zip(stages, states)):
-        (loss, out), g = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)(stage, st.params, st.batch_stats, x, Y)
+        (loss, out), g = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)(stage, st.params, st.model_state, x, Y)
         upd, opt = stage.tx.update(g, st.opt_state, st.params)
         # jitted vs eager rounding: gradients agree to ~1e-6 absolute (both ~1.5e-7 of scale from float64)
         chex.assert_trees_all_close(new_states[j].params, optax.apply_updates(st.params, upd), rtol=1e-5, atol=5e-6)
         chex.assert_trees_all_close(new_states[j].opt_state, opt, rtol=1e-5, atol=5e-6)
-        chex.assert_trees_all_close(new_states[j].batch_stats, out.batch_stats, rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(metrics.loss[j], loss, rtol=1e-5)
+        chex.assert_trees_all_close(new_states[j].model_state, out.model_state, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(metrics["loss"][j], loss, rtol=1e-5)
         assert int(new_states[j].step) == 1
-        x = stage_apply(stage, st.params, st.batch_stats, x).features
-    chex.assert_shape((metrics.loss, metrics.accuracy), (len(stages),))
+        x = stage_apply(stage, st.params, st.model_state, x).features
+    chex.assert_shape((metrics["loss"], metrics["accuracy"]), (len(stages),))
 
 
 def test_backprop_step_reaches_every_stage_and_refuses_aux_heads():
@@ -89,7 +89,7 @@ def test_backprop_step_reaches_every_stage_and_refuses_aux_heads():
     new_states, metrics = jax.jit(functools.partial(backprop_step, stages))(states, X, Y)
     for old, new in zip(states, new_states):
         assert any(jax.tree.leaves(jax.tree.map(lambda a, b: bool(jnp.any(a != b)), old.params, new.params)))
-    assert np.isnan(metrics.loss[:-1]).all() and np.isfinite(metrics.loss[-1])
+    assert np.isnan(metrics["loss"][:-1]).all() and np.isfinite(metrics["loss"][-1])
     dgl_stages, dgl_states = build()
     with pytest.raises(ValueError, match="drop_aux_heads"):
         backprop_step(dgl_stages, dgl_states, X, Y)
@@ -101,7 +101,7 @@ def test_sequential_step_freezes_lower_stages_and_cached_features_agree():
     new_states, metrics = step(states, 1, X, Y)
     chex.assert_trees_all_equal(new_states[0], states[0])
     chex.assert_trees_all_equal(new_states[2], states[2])
-    assert int(new_states[1].step) == 1 and np.isnan(metrics.loss[0]) and np.isfinite(metrics.loss[1])
+    assert int(new_states[1].step) == 1 and np.isnan(metrics["loss"][0]) and np.isfinite(metrics["loss"][1])
     cached = forward_features(stages[:1], states[:1], X)
     from_cache, _ = step(states, 1, cached, Y, features=True)
     chex.assert_trees_all_close(from_cache[1], new_states[1], rtol=1e-6, atol=1e-7)
@@ -114,7 +114,7 @@ def test_evaluate_batch_one_pass_matches_per_head_reruns():
     out = jax.jit(functools.partial(evaluate_batch, stages))(states, X, Y)
     for j in range(len(stages)):
         h = forward_features(stages[:j], states[:j], X)
-        logits = stage_apply(stages[j], states[j].params, states[j].batch_stats, h, train=False).logits
+        logits = stage_apply(stages[j], states[j].params, states[j].model_state, h, train=False).output
         assert int(out.per_head[j]) == int(jnp.sum(jnp.argmax(logits, -1) == Y))
     assert 0 <= int(out.ensemble) <= X.shape[0]
 
@@ -149,7 +149,7 @@ def test_bfloat16_compute_keeps_float32_params():
     new_states, metrics = jax.jit(functools.partial(dgl_step, stages))(states, X, Y)
     chex.assert_trees_all_equal_dtypes(new_states[0].params, states[0].params)
     assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(new_states[1].params))
-    assert np.isfinite(np.asarray(metrics.loss)).all()
+    assert np.isfinite(np.asarray(metrics["loss"])).all()
 
 
 def test_same_seed_same_result_bit_for_bit():

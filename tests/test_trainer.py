@@ -10,17 +10,10 @@ import pytest
 from conftest import run_until
 
 from dgl_jax.checkpoint import Checkpointer, state_tree
-from dgl_jax.train import dgl_step, evaluate_batch
-from dgl_jax.trainer import (
-    METHODS,
-    Method,
-    TrainConfig,
-    Trainer,
-    _epoch_order,
-    config_from_dict,
-    config_to_dict,
-    register_method,
-)
+from dgl_jax.steps import dgl_step, evaluate_batch
+from dgl_jax.input_pipeline import epoch_order
+from dgl_jax.methods import METHODS, Method, register_method
+from dgl_jax.trainer import TrainConfig, Trainer, config_from_dict, config_to_dict
 
 
 def checkpoint_roundtrip(tmp_path, trainer, state):
@@ -78,9 +71,9 @@ def test_data_order_and_dropped_examples_note(small):
     assert trainer.steps_per_epoch == 9 and trainer.used_per_epoch == 576
     assert "576 used per epoch" in trainer.describe() and "last 24" in trainer.describe()
     key = jax.random.key(0)
-    p0, _ = _epoch_order(key, 0, 600)
-    p0b, _ = _epoch_order(key, 0, 600)
-    p1, _ = _epoch_order(key, 1, 600)
+    p0, _ = epoch_order(key, 0, 600)
+    p0b, _ = epoch_order(key, 0, 600)
+    p1, _ = epoch_order(key, 1, 600)
     np.testing.assert_array_equal(p0, p0b)
     assert not np.array_equal(p0, p1)
     assert sorted(np.asarray(p1).tolist()) == list(range(600))
@@ -94,7 +87,7 @@ def test_registered_method_plugs_in(small, dgl_trainer):
 
         def step(states, extra, x, y, key):
             states, m = dgl_step(stages, states, x, y)
-            return states, {"count": extra["count"] + 1}, {"loss": m.loss, "accuracy": m.accuracy, "extra": m.loss[0]}
+            return states, {"count": extra["count"] + 1}, {"loss": m["loss"], "accuracy": m["accuracy"], "extra": m["loss"][0]}
 
         return step
 

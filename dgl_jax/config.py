@@ -1,0 +1,146 @@
+"""``TrainConfig``: a whole training recipe as a frozen dataclass, its JSON round trip and its checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax.numpy as jnp
+
+from dgl_jax.data import DATASETS, RESIZED, memory_loader_error
+from dgl_jax.files import json_ready
+from dgl_jax.layers import HEADS
+from dgl_jax.models import MODELS
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+OPTIMIZERS = ("sgd", "adam")
+LOOPS = ("auto", "scan", "dispatch")
+LOADERS = ("memory", "grain")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """A full training recipe. ``split``/``head`` ``None`` keep the model's defaults; ``epochs`` is per
+    phase (sequential greedy trains each stage for ``epochs``); ``decay_epochs``: int (every n epochs),
+    tuple (at those epochs) or ``None`` (constant LR); ``chunk_steps``: optimizer steps per dispatch (0:
+    ``min(steps_per_epoch, 50)``); ``loop``: ``scan`` runs a chunk as one ``lax.scan`` dispatch,
+    ``dispatch`` as one jitted step per batch with no host synchronisation inside the chunk, ``auto`` picks
+    ``dispatch`` on CPU (XLA:CPU runs these convolutions ~4x slower inside a loop) and ``scan`` elsewhere;
+    ``feature_cache_mb``: largest cached frozen-feature array the sequential
+    method keeps on device (0 disables the cache); ``method_options``: options of the chosen method;
+    ``model_options``: extra keyword arguments of the zoo model (e.g. ``{"width_mult": 0.25}``);
+    ``loader``: ``memory`` keeps the training split on the device and gathers batches inside jit; ``grain``
+    streams it from the host (a ``grain.MapDataset`` over the tfds data source or the in-memory arrays, read
+    ahead on background threads, ``device_put``, augmented inside jit) for training sets that do not fit on
+    the device. Both give bit-identical runs for the same seed. With ``grain`` the loop is one dispatch
+    per step (``loop`` ``auto``/``dispatch``), the evaluation split stays in memory (streamed as well for
+    the datasets of ``dgl_jax.data.RESIZED``, which need ``grain``), and sequential greedy recomputes the
+    frozen stages instead of caching their features; ``image_size``: side S of the ``[S, S, 3]`` images of
+    the datasets whose images vary in size (``imagenet2012``: shorter side resized to ``round(S*256/224)``,
+    centre crop S, on the host; ``None``: the dataset's default, 224), an error for any other dataset;
+    ``codec``: the boundary codec of every stage boundary (:func:`dgl_jax.codecs.parse_codec` syntax, e.g.
+    ``vq-packed:16:4``; ``None``: float32 messages), for the methods that send messages (dgl, async)."""
+
+    method: str = "dgl"
+    model: str = "small_cnn"
+    split: int | tuple[int, ...] | None = None
+    head: str | None = None
+    dataset: str = "digits"
+    data_dir: str | None = None
+    validation: float = 0.0
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 500
+    optimizer: str = "sgd"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    decay_epochs: int | tuple[int, ...] | None = (7,)
+    decay_factor: float = 0.2
+    seed: int = 0
+    dtype: str = "float32"
+    augment: bool = False
+    chunk_steps: int = 0
+    loop: str = "auto"
+    feature_cache_mb: float = 1024.0
+    method_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = dataclasses.field(default_factory=dict)
+    loader: str = "memory"
+    image_size: int | None = None
+    codec: str | None = None
+
+
+def config_to_dict(config: TrainConfig) -> dict:
+    """JSON-ready dict of ``config`` (tuples become lists)."""
+    return json_ready(dataclasses.asdict(config))
+
+
+def config_from_dict(d: dict) -> TrainConfig:
+    """Inverse of :func:`config_to_dict`; unknown keys are an error naming them."""
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; expected a subset of {sorted(names)}")
+    d = dict(d)
+    for k in ("split", "decay_epochs"):
+        if isinstance(d.get(k), list):
+            d[k] = tuple(d[k])
+    return TrainConfig(**d)
+
+
+def validate_config(config: TrainConfig) -> None:
+    """Checks names and ranges that need no data or model; raises ``ValueError`` naming the bad value and
+    the accepted ones."""
+
+    def bad(name, value, accepted):
+        raise ValueError(f"{name} {value!r} is not valid; expected {accepted}")
+
+    from dgl_jax.methods import get_method
+
+    method = get_method(config.method)
+    if config.model not in MODELS:
+        bad("model", config.model, f"one of {sorted(MODELS)}")
+    if config.dataset not in DATASETS:
+        bad("dataset", config.dataset, f"one of {sorted(DATASETS)}")
+    if config.head is not None and config.head not in HEADS:
+        bad("head", config.head, f"one of {list(HEADS)}")
+    if config.optimizer not in OPTIMIZERS:
+        bad("optimizer", config.optimizer, f"one of {list(OPTIMIZERS)}")
+    if config.dtype not in DTYPES:
+        bad("dtype", config.dtype, f"one of {sorted(DTYPES)}")
+    if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
+        bad("learning rate", config.lr, "a finite number > 0")
+    if not config.momentum >= 0:
+        bad("momentum", config.momentum, "a number >= 0")
+    if not config.weight_decay >= 0:
+        bad("weight decay", config.weight_decay, "a number >= 0")
+    if not 0 < config.decay_factor <= 1:
+        bad("decay factor", config.decay_factor, "a number in (0, 1]")
+    for name in ("epochs", "batch_size", "eval_batch_size"):
+        if not (isinstance(getattr(config, name), int) and getattr(config, name) >= 1):
+            bad(name.replace("_", " "), getattr(config, name), "an integer >= 1")
+    if not (isinstance(config.chunk_steps, int) and config.chunk_steps >= 0):
+        bad("chunk steps", config.chunk_steps, "an integer >= 0 (0: automatic)")
+    if config.loader not in LOADERS:
+        bad("loader", config.loader, f"one of {list(LOADERS)}")
+    if config.loader == "memory" and config.dataset in RESIZED:
+        raise ValueError(memory_loader_error(config.dataset))
+    if config.image_size is not None and not (
+        config.dataset in RESIZED and isinstance(config.image_size, int) and config.image_size >= 1
+    ):
+        bad("image size", config.image_size, f"none, or an integer >= 1 for a dataset among {sorted(RESIZED)}")
+    if config.loader == "grain" and config.loop == "scan":
+        bad("loop", config.loop, "'auto' or 'dispatch' with loader 'grain' (one batch per step from the host)")
+    if not 0 <= config.validation < 1:
+        bad("validation fraction", config.validation, "a number in [0, 1)")
+    if isinstance(config.split, int) and config.split < 1:
+        bad("split", config.split, "K >= 1 or a list of units per stage")
+    if isinstance(config.decay_epochs, int) and config.decay_epochs < 1:
+        bad("decay epochs", config.decay_epochs, "an integer >= 1, a list of epochs, or none")
+    if config.codec is not None:
+        from dgl_jax.codecs import parse_codec
+
+        parse_codec(config.codec)
+        if not method.codecs:
+            raise ValueError(f"--codec applies to methods that send messages between stages, not {config.method!r}")
+    method.validate(config)
