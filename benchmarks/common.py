@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +21,7 @@ from dgl_jax import (
     conv,
     dgl_step,
     drop_aux_heads,
+    files,
     get_model,
     init_stage_states,
     make_optimizer,
@@ -120,14 +119,9 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` as JSON atomically (temp file in the same folder, then ``os.replace``)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(payload, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Writes ``payload`` as strict JSON atomically (:func:`dgl_jax.files.write_json`), creating the folder."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    files.write_json(path, payload)
 
 
 def paper_stages(

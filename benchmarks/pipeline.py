@@ -16,7 +16,8 @@ paper CNN, and bytes sent between stages.
     speed-up a split predicts on K real devices is ``sum(stage times) / max(stage times)`` (pipeline steady
     state, transfers ignored); the best split per K is the one with the smallest slowest stage.
 (c) **Bytes per step** crossing each boundary: float32 features (+ int32 labels), and VQ codes
-    (``dgl_jax.vq``, d=16, K=256: one uint8 per 16 channels per pixel) with the codebook sent every step.
+    (the ``vq-packed:K:d`` codec: ceil(log2 K) bits per code, plus the codebook every step), as the ``nbytes``
+    of the wires the codecs produce (``dgl_jax.accounting``).
 
 This machine's 2 vCPUs do not compute in parallel, so (b) is a prediction, not a measured speed-up; the
 cores are shared with other jobs, so every timing is a median over repeats and (a) is run twice.
@@ -45,9 +46,11 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, summarize, time_call, write_json  # noqa: E402
 
-from dgl_jax import get_model, init_stage_states, make_optimizer, stage_step, with_optimizer  # noqa: E402
+from dgl_jax import get_model, init_stage_states, make_optimizer, stage_step, with_codec, with_optimizer  # noqa: E402
+from dgl_jax.accounting import boundary_traffic, nbytes  # noqa: E402
+from dgl_jax.codecs import parse_codec  # noqa: E402
 from dgl_jax.models import cifar_cnn  # noqa: E402
-from dgl_jax.parallel import PipelinedDGL, make_placement, message_shapes  # noqa: E402
+from dgl_jax.parallel import PipelinedDGL, make_placement  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,11 +61,11 @@ def _sleep_identity(wait_s: float, x: np.ndarray) -> np.ndarray:
     return x
 
 
-def waiting_step(stage, wait_s: float, state, x, labels):
+def waiting_step(stage, wait_s: float, state, x, labels, key=None):
     """``stage_step`` whose output passes through a host callback that sleeps ``wait_s`` (latency-bound)."""
-    state, out, loss, acc = stage_step(stage, state, x, labels)
+    state, out, m = stage_step(stage, state, x, labels, key)
     out = jax.pure_callback(functools.partial(_sleep_identity, wait_s), jax.ShapeDtypeStruct(out.shape, out.dtype), out)
-    return state, out, loss, acc
+    return state, out, m
 
 
 def overlap(k: int, args: argparse.Namespace) -> dict:
@@ -186,36 +189,28 @@ def traffic(args: argparse.Namespace) -> dict:
     stages = with_optimizer(
         get_model(args.model, split=args.traffic_split, head=args.head), lambda j: make_optimizer("sgd", 0.1)
     )
-    states = jax.eval_shape(lambda: init_stage_states(stages, jax.random.key(0), jnp.zeros(x.shape)))
-    shapes = message_shapes(stages, states, x)
     out = {"model": args.model, "split": args.traffic_split, "batch": args.batch, "boundaries": []}
-    try:
-        from dgl_jax import vq
-    except ImportError:
-        vq = None
-    for j, shape in enumerate(shapes):
-        feat = int(np.prod(shape)) * 4
-        labels = args.batch * 4
-        row = {"boundary": f"{j}->{j + 1}", "message_shape": list(shape), "float32_bytes": feat + labels}
-        if vq is not None:
-            c = shape[-1]
-            g = c // args.vq_dim
-            code_bytes = int(np.prod(shape[:-1])) * g * jnp.dtype(vq.code_dtype(args.vq_codes)).itemsize
-            codebook = vq.codebook_bits(args.vq_codes, args.vq_dim, g) // 8
-            row["vq"] = {
-                "code_dim": args.vq_dim,
-                "num_codes": args.vq_codes,
-                "groups": g,
-                "code_bytes": code_bytes + labels,
-                "codebook_bytes": codebook,
-                "bytes_with_codebook_every_step": code_bytes + labels + codebook,
-                "ratio_float32_over_codes": (feat + labels) / (code_bytes + labels),
-                "ratio_float32_over_codes_plus_codebook": (feat + labels) / (code_bytes + labels + codebook),
+    labels = jax.ShapeDtypeStruct((args.batch,), jnp.int32)
+    spec = f"vq-packed:{args.vq_codes}:{args.vq_dim}"
+    codecs = {"float32": None, spec: parse_codec(spec)}
+    rows = {}
+    for name, codec in codecs.items():  # bytes of the wires the codecs really produce (accounting.nbytes)
+        cs = with_codec(stages, codec)
+        states = jax.eval_shape(lambda cs=cs: init_stage_states(cs, jax.random.key(0), x))
+        rows[name] = boundary_traffic(cs, states, x)
+    for j, (f, q) in enumerate(zip(rows["float32"], rows[list(codecs)[1]], strict=True)):
+        lb = nbytes(labels)
+        out["boundaries"].append(
+            {
+                "boundary": f"{j}->{j + 1}",
+                "float32_bytes": f["wire_bytes"] + lb,
+                "vq_packed_bytes": q["wire_bytes"] + lb,
+                "codec": q["codec"],
+                "ratio": (f["wire_bytes"] + lb) / (q["wire_bytes"] + lb),
             }
-        out["boundaries"].append(row)
+        )
     out["total_float32_bytes_per_step"] = sum(r["float32_bytes"] for r in out["boundaries"])
-    if vq is not None:
-        out["total_vq_bytes_per_step"] = sum(r["vq"]["bytes_with_codebook_every_step"] for r in out["boundaries"])
+    out["total_vq_bytes_per_step"] = sum(r["vq_packed_bytes"] for r in out["boundaries"])
     return out
 
 

@@ -11,7 +11,7 @@ of ``vs_pytorch.py``; skipped when torch is not installed):
 - ``block_backward``: forward + gradient of ``<block(x), r>`` w.r.t. the block's parameters;
 - ``head``: forward + loss + gradients w.r.t. the head's parameters and its input;
 - ``optimizer``: the stage's SGD update (momentum, weight decay) alone;
-- ``local_update``: the whole local update (``dgl_jax.train.stage_step`` / PyTorch's forward, backward, step);
+- ``local_update``: the whole local update (``dgl_jax.steps.stage_step`` / PyTorch's forward, backward, step);
 
 plus the whole ``dgl_step``. Every repeat runs every part once, alternating; medians go to JSON with the
 dgl_jax / PyTorch ratio of each part and each part's share of the dgl_jax step (parts fuse inside the jitted
@@ -35,8 +35,7 @@ from common import machine, paper_stages, summarize, time_alternating, write_jso
 
 from dgl_jax import dgl_step  # noqa: E402
 from dgl_jax.host import keep_freed_memory  # noqa: E402
-from dgl_jax.objective import cross_entropy  # noqa: E402
-from dgl_jax.train import stage_step  # noqa: E402
+from dgl_jax.steps import stage_step  # noqa: E402
 
 PARTS = ("block_forward", "block_backward", "head", "optimizer", "local_update")
 
@@ -47,11 +46,11 @@ def jax_parts(stage, state, x: jax.Array, y: jax.Array) -> tuple[dict, jax.Array
 
     def block(p, x):
         v = {"params": p, "batch_stats": stats.get("block", {})}
-        return stage.block.apply(v, x, True, mutable=["batch_stats"])[0]
+        return stage.block.apply(v, x, train=True, mutable=["batch_stats"])[0]
 
     def head_loss(p, h):
         v = {"params": p, "batch_stats": stats.get("head", {})}
-        return cross_entropy(stage.head.apply(v, h, True, mutable=["batch_stats"])[0], y)
+        return stage.loss_fn(stage.head.apply(v, h, train=True, mutable=["batch_stats"])[0], y)
 
     def update(state, grads):
         updates, opt_state = stage.tx.update(grads, state.opt_state, state.params)

@@ -101,6 +101,7 @@ _FIELDS = [
     ("--loop", "loop", str, "chunk execution: auto, scan, dispatch"),
     ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
     ("--image-size", "image_size", int, "imagenet2012 (grain): S of the [S,S,3] images (resize to S*256/224, crop S)"),
+    ("--codec", "codec", str, "boundary codec (dgl, async): identity, bfloat16, vq:K:d, vq-packed:K:d"),
 ]
 
 

@@ -25,7 +25,8 @@ class TrainConfig:
     tuple (at those epochs) or ``None`` (constant LR); ``chunk_steps``: optimizer steps per dispatch (0:
     ``min(steps_per_epoch, 50)``); ``loop``: ``scan`` runs a chunk as one ``lax.scan`` dispatch,
     ``dispatch`` as one jitted step per batch with no host synchronisation inside the chunk, ``auto`` picks
-    ``dispatch`` on CPU (XLA:CPU runs these convolutions ~4x slower inside a loop) and ``scan`` elsewhere;
+    ``dispatch`` on CPU (XLA:CPU runs these convolutions slower inside a loop; README, Speed) and ``scan``
+    elsewhere;
     ``feature_cache_mb``: largest cached frozen-feature array the sequential
     method keeps on device (0 disables the cache); ``method_options``: options of the chosen method;
     ``model_options``: extra keyword arguments of the zoo model (e.g. ``{"width_mult": 0.25}``);

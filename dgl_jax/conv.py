@@ -41,7 +41,7 @@ which cost ``O(C_in)`` per tile, outweigh the saved multiplications)."""
 WINOGRAD_MIN_MACS = 2**27
 """Fewest multiply-adds of the direct convolution (``B*Ho*Wo*9*C_in*C_out``) for which :func:`conv_algorithm`
 picks Winograd: below it the saving is a few milliseconds and does not pay for Winograd's longer compile
-(about 5 s more per training step program of the paper CNN on 2 vCPUs)."""
+(it lengthens the compilation of each training step program: see the README's Speed section)."""
 
 # Winograd F(m, 3) matrices (Lavin & Gray 2016): input transform B^T [a, a], kernel transform G [a, 3],
 # output transform A^T [m, a], a = m + 2; for correlation (what CNNs call convolution).
@@ -241,7 +241,7 @@ def _winograd_fwd(x: jax.Array, w: jax.Array, padding: Pads, m: int):
     u = _kernel_transform(w, m)
     y = _output_transform(_batched_dot(v, u, (2, 1)), m, x.shape[0], th, tw)[:, :ho, :wo]
     # Materialise y: fused into its consumers (BatchNorm's statistics and normalisation), XLA would compute the
-    # output transform once per consumer; about 4 ms of a 22 ms conv-BN-ReLU forward on 2 vCPUs.
+    # output transform once per consumer (see the README's Speed section for the measured cost).
     return jax.lax.optimization_barrier(y), (v, u, x.shape)
 
 

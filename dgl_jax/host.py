@@ -2,8 +2,8 @@
 
 :func:`keep_freed_memory` stops glibc's ``malloc`` from handing large freed blocks back to the kernel. XLA:CPU
 allocates every jitted call's temporaries and outputs afresh; with glibc's defaults each block above 32 MiB
-is a new ``mmap`` whose pages fault in on first touch, every step (about 80,000 page faults and 0.13 s of
-system time per DGL step of the 4-stage paper CNN at batch 128 on 2 vCPUs, ``benchmarks/step_time.py``).
+is a new ``mmap`` whose pages fault in on first touch, every step (``benchmarks/step_time.py`` measures the
+page faults and system time; the figures are in the README).
 Kept, the same pages are reused and the faults disappear. The command line applies it by default
 (``--malloc keep``); library users call it themselves, early, before the first computation.
 """

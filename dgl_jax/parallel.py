@@ -6,8 +6,8 @@ Three layers, each usable on its own:
   bounded queues between them, a shared stop ``Event``; the first exception in any worker stops all of
   them and is re-raised in the caller; ``KeyboardInterrupt`` stops them too. Nothing here knows about DGL:
   the asynchronous DGL runner reuses it. Why threads: on CPU, work dispatched to several devices from ONE
-  Python thread does not overlap (measured: a jitted 50 ms ``pure_callback`` gives 19.7 calls/s for 1, 2
-  or 4 fake devices from one thread, and 19.7 / 38.9 / 76.8 calls/s with one thread per device). Compile
+  Python thread does not overlap; one thread per device does (figures in the README and
+  ``benchmarks/results/pipeline.json``). Compile
   every function in the main thread before starting workers (hangs reported otherwise, jax#17457).
 * **Placements** (:func:`make_placement`): which devices each stage runs on. One stage per device; several
   stages per device when K > devices; a data-parallel sub-mesh per stage when devices > K. Validated before
@@ -625,7 +625,14 @@ class SpmdPipeline:
             for p, st in zip(self.packers, states, strict=True)
         ]
         sh = self._stage_sharding()
-        inbox = jax.tree.map(lambda s: self._global(np.zeros((self.k, *s.shape), s.dtype), sh), self._inbox_specs())
+        d = self.data_axis
+        batched = NamedSharding(self.mesh, self._spec(d))  # batch-leading leaves split over the data axis
+
+        def zeros(s):
+            lead = d is not None and len(s.shape) >= 1 and s.shape[0] == self.batch
+            return self._global(np.zeros((self.k, *s.shape), s.dtype), batched if lead else sh)
+
+        inbox = jax.tree.map(zeros, self._inbox_specs())
         return SpmdState(
             self._global(np.stack([h[0] for h in host]), sh),
             self._global(np.stack([h[1] for h in host]), sh),

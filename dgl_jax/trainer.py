@@ -186,6 +186,16 @@ class Trainer:
         self._order = None
         self._initial = None
         self._order_fn = jax.jit(functools.partial(epoch_order, n=n))
+        if config.codec is not None:  # a codec that does not fit a boundary fails here, before any run folder
+            try:
+                jax.eval_shape(lambda: init_stage_states(self.stages, jax.random.key(0), self.example_batch))
+            except ValueError as e:
+                raise ValueError(f"--codec {config.codec}: {str(e).splitlines()[0]}") from None
+
+    @property
+    def example_batch(self) -> jax.ShapeDtypeStruct:
+        """Shape and dtype of one training batch ``[batch_size, H, W, C]``."""
+        return jax.ShapeDtypeStruct((self.config.batch_size, *self._example.shape[1:]), self._example.dtype)
 
     # -- state -------------------------------------------------------------------------------------------
     def init_state(self) -> RunState:
@@ -193,7 +203,7 @@ class Trainer:
         trainer (the arrays are immutable and never donated, so the cached state can be handed out again)."""
         if self._initial is None:
             key = jax.random.key(self.config.seed)
-            example = jax.ShapeDtypeStruct((self.config.batch_size, *self._example.shape[1:]), self._example.dtype)
+            example = self.example_batch
             states = init_stage_states(self.stages, jax.random.fold_in(key, 0), example)
             extra = self.method.init_extra(self.stages, states, self.config, jax.random.fold_in(key, 3), example)
             self._initial = RunState(states, extra, key, 0, 0)
@@ -213,7 +223,7 @@ class Trainer:
     def _chunk_fn(self, phase: int, features: bool) -> Callable:
         """``run(states, extra, images, labels, perm, step_base, start) -> (states, extra, metrics [steps])``:
         one ``lax.scan`` dispatch (``loop='scan'``) or one dispatch per step without host synchronisation
-        (``loop='dispatch'``; faster on XLA:CPU, where convolutions inside a loop run ~4x slower). With the
+        (``loop='dispatch'``; faster on XLA:CPU, where convolutions inside a loop run slower). With the
         grain loader ``images`` is the epoch's batch iterator (see :meth:`_batches`) and ``labels``/``perm``
         are unused: one dispatch per step on the batches it yields."""
         if (phase, features) not in self._chunk_fns:

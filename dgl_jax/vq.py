@@ -216,7 +216,7 @@ def _kmeans_pp(key: jax.Array, x: jax.Array, k: int, max_points: int) -> jax.Arr
 # ----------------------------------------------------------------------------------------------------------
 def _scores(state: VQState, flat: jax.Array) -> jax.Array:
     """``||c_k||^2 - 2 x.c_k`` ``[G, N, K]`` for ``flat: [N, G, d]`` (the squared distance minus ``||x||^2``,
-    which does not change the argmin; padding codes: +inf). The ``[G, N, K]`` layout is ~2x faster on CPU."""
+    which does not change the argmin; padding codes: +inf). The ``[G, N, K]`` layout is the faster one on CPU."""
     c = state.codebook
     dots = jnp.einsum("ngd,gkd->gnk", flat, c, precision=jax.lax.Precision.HIGHEST)
     scores = jnp.sum(c**2, -1)[:, None, :] - 2.0 * dots

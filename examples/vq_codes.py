@@ -1,11 +1,11 @@
-# Online vector quantization of a stage's output (the README's example, run by the tests).
+# A boundary codec: online vector quantization of a stage's output, bit-packed (the README's example).
 import jax
-from dgl_jax import vq
+from dgl_jax.codecs import vq, wire_bytes
 
 x = jax.random.normal(jax.random.key(0), (32, 8, 8, 64))  # a stage's output [batch, H, W, C]
-q = vq.init(jax.random.key(1), num_codes=256, code_dim=16, groups=4)  # 4 codebooks of 256 x 16
-q = vq.init_from_data(q, jax.random.key(2), x)  # centroids seeded from the features
-codes = vq.encode(q, x)  # [32, 8, 8, 4] uint8: one code per 16 channels per pixel
-x_hat = vq.decode(q, codes)  # [32, 8, 8, 64]: the nearest centroids
-q = vq.update(q, x, codes)  # one online k-means (EMA) step; all of this runs inside jit
-print(codes.dtype, codes.shape, vq.compression_ratio(code_dim=16, num_codes=256))  # uint8 (32, 8, 8, 4) 64.0
+codec = vq(16, code_dim=4, packed=True)  # 16 groups of 4 channels, 16 codes each: 4 bits per code
+state = codec.init(x, jax.random.key(1))  # seeded from the first message it encodes
+state, wire = jax.jit(codec.encode)(state, x, jax.random.key(2))  # sender: packed codes + codebook, EMA update
+x_hat = jax.jit(codec.decode)(wire)  # receiver: [32, 8, 8, 64] nearest centroids, from the wire alone
+print(wire.codes.data.dtype, wire.codes.data.shape, wire.codebook.shape)  # uint8 (32, 512) (16, 16, 4)
+print(f"float32 {x.nbytes} bytes, wire {wire_bytes(wire)} bytes: {x.nbytes / wire_bytes(wire):.1f}x less")

@@ -4,7 +4,7 @@
     python experiments/async_buffer.py --tiny          # digits, a few ticks (CI smoke test)
     python experiments/async_buffer.py --vq 64:8 --buffers 5 --slowdowns 1.5   # float vs VQ-code buffers
 
-A 6-stage CNN (conv3x3 widths 16,16,32,32,64,64, max-pool before layers 3 and 5, one conv per stage, ``mlp``
+A 6-stage CNN (conv3x3 widths 8,8,16,16,32,32, max-pool before layers 3 and 5, one conv per stage, ``mlp``
 heads) is trained with simulated asynchrony (:mod:`dgl_jax.asynchronous`): each tick one stage is drawn
 from the paper's categorical schedule where the slowed middle stage (index ``--slow-stage``, default 2)
 has weight 1/S. Grid: S in {1.0, 1.11, 1.25, 1.5, 2.0, 3.0} x buffer size M in {1, 5, 30} (priority-LIFO
@@ -13,17 +13,21 @@ Every run gets the same number of ticks (= the same number of stage updates in t
 gets fewer updates and the stages above it reuse older features. One compiled program per M; the schedule
 is an argument, so the S sweep does not recompile. Reports test accuracy of the last head.
 
-``--vq K:d``: every (M, S) cell is run twice, with float buffers and with buffers of VQ codes (``K`` codes of
-dimension ``d`` per channel group, :attr:`dgl_jax.asynchronous.AsyncConfig.vq`; sender-side EMA codebooks,
-receiver copy synced every update); writes ``experiments/results/async_vq.{json,md}`` with the accuracy
-(the VQ runs are evaluated through the quantized pipeline, as deployed: each boundary encodes and the next
-stage decodes with the receiver's codebook) and the buffer memory (stored codes + codebooks vs float32).
+``--vq K:d``: every (M, S) cell is run twice, with float buffers and with buffers of packed VQ codes: the
+stages get the codec ``dgl_jax.codecs.vq(K, code_dim=d, packed=True)`` on every boundary
+(:func:`dgl_jax.with_codec`; ``K`` codes of dimension ``d`` per channel group, sender-side EMA codebooks), so
+each buffered item is a self-contained wire: the codes bit-packed to ``ceil(log2 K)`` bits in uint8 bytes
+plus the float32 codebook they index, and the labels. Writes ``experiments/results/async_vq.{json,md}`` with
+the accuracy (the VQ runs are evaluated with :func:`dgl_jax.evaluate_batch` on the coded stages, as deployed:
+each boundary encodes with the sender's codebook and the next stage decodes; the same weights with float
+messages are reported for reference), the relative squared error of each decoded boundary on the test set,
+and the buffer memory from :func:`dgl_jax.accounting.buffer_memory` (the ``nbytes`` of every stored slot,
+wires and labels, vs the same slots holding float32 messages).
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import platform
@@ -37,11 +41,22 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from dgl_jax import (  # noqa: E402
+    accounting,
+    codecs,
+    evaluate_batch,
+    forward_features,
+    init_stage_states,
+    make_optimizer,
+    vq,
+    with_codec,
+    with_optimizer,
+)
 from dgl_jax import asynchronous as A  # noqa: E402
-from dgl_jax import evaluate_batch, init_stage_states, make_optimizer, with_optimizer  # noqa: E402
-from dgl_jax import vq_train as vt  # noqa: E402
 from dgl_jax.data import load_digits, load_fashion_mnist  # noqa: E402
+from dgl_jax.files import save_figure, write_atomic  # noqa: E402
 from dgl_jax.models import cifar_cnn  # noqa: E402
+from dgl_jax.stage import decode_message, encode_message  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -68,9 +83,11 @@ def evaluate(fn, states, images, labels, chunk=1000):
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tiny", action="store_true", help="digits, 3 stages, S in {1, 2}, M=2, few ticks (CI)")
-    p.add_argument("--slowdowns", type=float, nargs="+", default=[1.0, 1.11, 1.25, 1.5, 2.0, 3.0])
-    p.add_argument("--buffers", type=int, nargs="+", default=[1, 5, 30])
+    p.add_argument(
+        "--tiny", action="store_true", help="digits, 3 stages, few ticks, S in {1, 2} and M=2 unless given (CI)"
+    )
+    p.add_argument("--slowdowns", type=float, nargs="+", default=None, help="default 1 1.11 1.25 1.5 2 3")
+    p.add_argument("--buffers", type=int, nargs="+", default=None, help="default 1 5 30")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
     p.add_argument("--slow-stage", type=int, default=2)
     p.add_argument("--widths", type=int, nargs="+", default=[8, 8, 16, 16, 32, 32])
@@ -90,15 +107,27 @@ def main(argv: list[str] | None = None) -> dict:
     if args.vq is not None:
         try:
             num_codes, code_dim = (int(v) for v in args.vq.split(":"))
-        except ValueError:
-            p.error(f"--vq expects K:d (e.g. 64:8), got {args.vq!r}")
-        vq_cfg = vt.VQConfig(num_codes=num_codes, code_dim=code_dim)
+            codec = codecs.vq(num_codes, code_dim=code_dim, packed=True)
+        except ValueError as e:
+            p.error(f"--vq expects K:d with K >= 2 (e.g. 64:8), got {args.vq!r} ({e})")
+        vq_cfg = {
+            "codec": codec.name,
+            "num_codes": num_codes,
+            "code_dim": code_dim,
+            "packed": True,
+            "bits_per_code": vq.index_bits(num_codes),
+            "decay": 0.99,
+        }
     if args.out is None:
         args.out = str(RESULTS / ("async_buffer" if vq_cfg is None else "async_vq"))
     if args.tiny:
-        args.slowdowns, args.buffers, args.widths, args.downsample_at = [1.0, 2.0], [2], [8, 8, 16], [1, 2]
+        args.widths, args.downsample_at = [8, 8, 16], [1, 2]
         args.train_size, args.batch, args.updates = 512, 16, 6
         args.slow_stage = 1
+    if args.slowdowns is None:
+        args.slowdowns = [1.0, 2.0] if args.tiny else [1.0, 1.11, 1.25, 1.5, 2.0, 3.0]
+    if args.buffers is None:
+        args.buffers = [2] if args.tiny else [1, 5, 30]
     write = write_outputs if vq_cfg is None else write_vq_outputs
     t_start = time.perf_counter()
     ds = load_digits() if args.tiny else load_fashion_mnist()
@@ -109,10 +138,16 @@ def main(argv: list[str] | None = None) -> dict:
     stages = build_stages(args)
     k = len(stages)
     eval_fn = jax.jit(lambda st, x, y: evaluate_batch(stages, st, x, y))
-    vq_eval_fn = None
-    if vq_cfg is not None:
-        plan = vt.as_plan(vq_cfg, len(stages))
-        vq_eval_fn = jax.jit(lambda st, b, x, y: vt.vq_evaluate_batch(stages, plan, st, b, x, y))
+    vq_stages = vq_eval_fn = distortion_fn = None
+    if vq_cfg is not None:  # the same stages with a packed-VQ codec on every boundary
+        vq_stages = with_codec(stages, codec)
+        vq_eval_fn = jax.jit(lambda st, x, y: evaluate_batch(vq_stages, st, x, y))
+        distortion_fn = jax.jit(lambda st, x: boundary_distortion_sums(vq_stages, st, x))
+        print(
+            f"VQ cells: codec {codec.name} on every boundary, buffers of packed {vq_cfg['bits_per_code']}-bit codes "
+            "+ the sender's codebook per item",
+            flush=True,
+        )
     ticks = args.updates * k
     runs: list[dict] = []
 
@@ -136,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
             },
             "slow_stage": args.slow_stage,
             "policy": args.policy,
-            "vq": None if vq_cfg is None else dataclasses.asdict(vq_cfg),
+            "vq": vq_cfg,
             "slowdowns": args.slowdowns,
             "buffers": args.buffers,
             "seeds": args.seeds,
@@ -157,34 +192,47 @@ def main(argv: list[str] | None = None) -> dict:
     for seed in args.seeds:
         key = jax.random.key(seed)
         input_fn = A.epoch_input_fn(train_x, train_y, args.batch, jax.random.fold_in(key, 1))
-        init_states = init_stage_states(stages, jax.random.fold_in(key, 0), train_x[: args.batch])
-        configs = [("sync_dgl", A.AsyncConfig(capacity=1), [None])]
+        example = train_x[: args.batch]
+        # same key, same params: init_stage_states draws the codec state from its own fold of each stage's key
+        init_states = {False: init_stage_states(stages, jax.random.fold_in(key, 0), example)}
+        if vq_stages is not None:
+            init_states[True] = init_stage_states(vq_stages, jax.random.fold_in(key, 0), example)
+        configs = [("sync_dgl", A.AsyncConfig(capacity=1), [None], False)]
         for m in args.buffers:
-            configs.append(("async", A.AsyncConfig(capacity=m, policy=args.policy), args.slowdowns))
-            if vq_cfg is not None:
-                configs.append(("async_vq", A.AsyncConfig(capacity=m, policy=args.policy, vq=vq_cfg), args.slowdowns))
-        for label, config, slowdowns in configs:
-            run = A.make_async_run(stages, config, input_fn, ticks)
+            configs.append(("async", A.AsyncConfig(capacity=m, policy=args.policy), args.slowdowns, False))
+            if vq_stages is not None:
+                configs.append(("async_vq", A.AsyncConfig(capacity=m, policy=args.policy), args.slowdowns, True))
+        for label, config, slowdowns, coded in configs:
+            run_stages = vq_stages if coded else stages
+            run = A.make_async_run(run_stages, config, input_fn, ticks)
             for s in slowdowns:
                 schedule = A.RoundRobin(k) if s is None else A.paper_schedule(k, args.slow_stage, s)
-                states = jax.tree.map(jnp.copy, init_states)  # the run donates its input
+                states = jax.tree.map(jnp.copy, init_states[coded])  # the run donates its input
                 st = A.init_async(
-                    stages, states, train_x[: args.batch], train_y[: args.batch], config, jax.random.fold_in(key, 2)
+                    run_stages, states, example, train_y[: args.batch], config, jax.random.fold_in(key, 2)
                 )
                 t0 = time.perf_counter()
                 st, rec = run(st, schedule)
                 jax.block_until_ready(st.states)
                 wall = time.perf_counter() - t0
-                summ = A.summarize(rec, state=st)
-                last, ens = evaluate(eval_fn, st.states, test_x, test_y)
+                summ = A.summarize(rec)
+                last, ens = evaluate(eval_fn, st.states, test_x, test_y)  # float messages (no codec)
                 extra = {}
-                if config.vq is not None:  # as deployed: through the codebooks; float pipeline for reference
+                if coded:  # as deployed: every boundary through its codec; float messages for reference
                     extra = {"test_acc_last_float_messages": last, "test_acc_ensemble_float_messages": ens}
-                    ens = None
-                    last = evaluate_vq(vq_eval_fn, st.states, st.boundaries, test_x, test_y)
-                mem = {n: int(np.sum(summ[n])) for n in ("buffer_bytes", "codebook_bytes", "buffer_bytes_fp32")}
-                held = mem["buffer_bytes"] + mem["codebook_bytes"]
-                mem["buffer_memory_factor"] = mem["buffer_bytes_fp32"] / held
+                    last, ens = evaluate(vq_eval_fn, st.states, test_x, test_y)
+                    extra["test_distortion"] = evaluate_distortion(distortion_fn, st.states, test_x)
+                per_buffer = accounting.buffer_memory(run_stages, st.buffers)
+                mem = {
+                    "stored_bytes": sum(b["stored_bytes"] for b in per_buffer),
+                    "float32_bytes": sum(b["float32_bytes"] for b in per_buffer),
+                    "buffer_stored_bytes": [b["stored_bytes"] for b in per_buffer],
+                    "buffer_float32_bytes": [b["float32_bytes"] for b in per_buffer],
+                    "wire_bytes_per_step": [
+                        b["wire_bytes"] for b in accounting.boundary_traffic(run_stages, st.states, example)
+                    ],
+                }
+                mem["buffer_memory_factor"] = mem["float32_bytes"] / mem["stored_bytes"]
                 row = {
                     "method": label,
                     "buffer": config.capacity,
@@ -200,8 +248,9 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.append(row)
                 print(
                     f"{label:8s} M={config.capacity:3d} S={row['slowdown']:.2f} seed={seed} "
-                    f"acc={last:.4f} ens={ens if ens is None else round(ens, 4)} {wall:.1f}s "
-                    f"buffers x{mem['buffer_memory_factor']:.1f} less than fp32 updates={row['stage_updates']} "
+                    f"acc={last:.4f} ens={ens:.4f} {wall:.1f}s "
+                    f"buffers {mem['stored_bytes']} B{' (packed VQ)' if coded else ''}, "
+                    f"x{mem['buffer_memory_factor']:.1f} less than float32 updates={row['stage_updates']} "
                     f"staleness={np.round(summ['mean_staleness'], 2).tolist()} "
                     f"reuse={np.round(summ['mean_reuse'], 2).tolist()}",
                     flush=True,
@@ -212,18 +261,32 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-def evaluate_vq(fn, states, boundaries, images, labels, chunk=1000) -> float:
-    """Last-head test accuracy with every quantized boundary encoding/decoding (``vq_evaluate_batch``)."""
-    correct = 0
-    for i in range(0, len(labels), chunk):
-        correct += int(fn(states, boundaries, images[i : i + chunk], labels[i : i + chunk])[-1])
-    return correct / len(labels)
+def boundary_distortion_sums(stages, states, x):
+    """Per boundary ``j -> j+1`` (eval mode, through the codecs as :func:`dgl_jax.evaluate_batch` runs them):
+    ``(sum ||m - decode(encode(m))||^2, sum ||m||^2)`` of the message ``m`` stage j sends, ``[K-1]`` each."""
+    err, ref = [], []
+    for stage, st in zip(stages[:-1], states[:-1], strict=True):
+        msg = forward_features([stage], [st], x)
+        x = decode_message(stage, encode_message(stage, st.codec, msg)[1])
+        sq = lambda t: sum(jnp.sum(jnp.square(a.astype(jnp.float32))) for a in jax.tree.leaves(t))  # noqa: E731
+        err.append(sq(jax.tree.map(jnp.subtract, msg, x)))
+        ref.append(sq(msg))
+    return jnp.stack(err), jnp.stack(ref)
+
+
+def evaluate_distortion(fn, states, images, chunk=1000) -> list[float]:
+    """Relative squared error of each decoded boundary over the whole test set: ``sum err / sum ||m||^2``."""
+    err, ref = 0.0, 0.0
+    for i in range(0, len(images), chunk):
+        e, r = fn(states, images[i : i + chunk])
+        err, ref = err + np.asarray(e, np.float64), ref + np.asarray(r, np.float64)
+    return (err / np.maximum(ref, 1e-12)).tolist()
 
 
 def write_vq_outputs(result: dict, out: Path) -> None:
     """``async_vq.{json,md}``: float vs VQ-code buffers for each (M, S) cell."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
     b, v = result["budget"], result["vq"]
     lines = [
         f"# Asynchronous DGL with replay buffers of VQ codes ({result['dataset']})",
@@ -231,31 +294,39 @@ def write_vq_outputs(result: dict, out: Path) -> None:
         f"{result['model']['stages']}-stage CNN widths {result['model']['widths']}, slowed stage "
         f"{result['slow_stage']} (paper's schedule), policy {result['policy']}; {b['ticks']} ticks "
         f"(~{b['updates_per_stage_nominal']} updates per stage), batch {b['batch']}, {b['train_size']} training "
-        f"images, {b['optimizer']}; seeds {result['seeds']}. VQ: K={v['num_codes']} codes of dimension "
-        f"d={v['code_dim']} per channel group at every boundary, EMA decay {v['decay']}, receiver codebook synced "
-        f"every {v['sync_every']} sender update(s); buffers store uint8/uint16 codes, the receiver decodes at "
-        f"read time. Machine: {result['machine']['processor']}, {result['machine']['cpu_count']} CPUs (shared), "
-        f"jax {result['machine']['jax']}; wall time {result['wall_s']:.0f} s.",
+        f"images, {b['optimizer']}; seeds {result['seeds']}. VQ: codec {v['codec']} on every boundary "
+        f"(K={v['num_codes']} codes of dimension d={v['code_dim']} per channel group, sender-side EMA codebooks, "
+        f"decay {v['decay']}); each buffered item is a self-contained wire: the codes packed to "
+        f"{v['bits_per_code']} bits each in uint8 bytes plus the float32 codebook they index, and the labels; the "
+        f"receiver decodes at read time. Machine: {result['machine']['processor']}, "
+        f"{result['machine']['cpu_count']} CPUs, jax {result['machine']['jax']}; wall time {result['wall_s']:.0f} s.",
         "",
-        "Accuracy: last head on the test set; VQ runs through the quantized pipeline (float messages in brackets). "
-        "Memory: all K-1 buffers, stored features or codes (labels not counted) + the receivers' float32 "
-        "codebooks, vs the same buffers of float32 features.",
+        "Accuracy: test set, last head and weighted ensemble; the VQ runs are evaluated with every boundary "
+        "encoded by the sender's codec and decoded by the receiver (as deployed; the same weights with float "
+        "messages in brackets). Memory: `dgl_jax.accounting.buffer_memory`, the nbytes of every slot of all K-1 "
+        "buffers as allocated (wires and labels) vs the same slots holding float32 messages and the labels. "
+        "Distortion: relative squared error ||m - decode(encode(m))||^2 / ||m||^2 of each boundary's message "
+        "over the test set (eval mode).",
         "",
-        "| method | M | S | seed | test acc | buffers (B) | codebooks (B) | float32 buffers (B) | memory factor "
-        "| distortion per boundary |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | M | S | seed | test acc (last) | test acc (ensemble) | stored (B) | float32 (B) | memory factor "
+        "| wire per step (B) | test distortion per boundary |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+
+    def acc(r, name):
+        a = f"{r[name]:.4f}"
+        return a + f" ({r[name + '_float_messages']:.4f})" if name + "_float_messages" in r else a
+
     for r in result["runs"]:
-        acc = f"{r['test_acc_last']:.4f}"
-        if "test_acc_last_float_messages" in r:
-            acc += f" ({r['test_acc_last_float_messages']:.4f})"
-        dist = ", ".join(f"{d:.3f}" for d in r.get("stage_distortion", [])[:-1]) or "-"
+        dist = ", ".join(f"{d:.3f}" for d in r.get("test_distortion", [])) or "-"
+        wire = ", ".join(str(w) for w in r["wire_bytes_per_step"])
         lines.append(
-            f"| {r['method']} | {r['buffer']} | {r['slowdown']:g} | {r['seed']} | {acc} | {r['buffer_bytes']} | "
-            f"{r['codebook_bytes']} | {r['buffer_bytes_fp32']} | {r['buffer_memory_factor']:.1f}x | {dist} |"
+            f"| {r['method']} | {r['buffer']} | {r['slowdown']:g} | {r['seed']} | {acc(r, 'test_acc_last')} | "
+            f"{acc(r, 'test_acc_ensemble')} | {r['stored_bytes']} | {r['float32_bytes']} | "
+            f"{r['buffer_memory_factor']:.1f}x | {wire} | {dist} |"
         )
     lines += ["", "Command:", "", "```", result["command"], "```", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_atomic(out.with_suffix(".md"), "\n".join(lines))
 
 
 def table(result: dict) -> tuple[list[float], dict, float, float]:
@@ -286,7 +357,7 @@ def first_drop(slowdowns: list[float], row: list[tuple], reference: float, drop:
 
 def write_outputs(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
     slowdowns, grid, sync_mean, sync_std = table(result)
     b = result["budget"]
     lines = [
@@ -312,7 +383,7 @@ def write_outputs(result: dict, out: Path) -> None:
         vs_s1 = first_drop(slowdowns, row, row[0][0], drop) if slowdowns and slowdowns[0] == 1.0 else None
         lines.append(f"- M={m}: vs synchronous DGL from S = {vs_sync}; vs the same M at S=1 from S = {vs_s1}")
     lines += ["", "Command:", "", "```", result["command"], "```", ""]
-    out.with_suffix(".md").write_text("\n".join(lines))
+    write_atomic(out.with_suffix(".md"), "\n".join(lines))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -329,7 +400,7 @@ def write_outputs(result: dict, out: Path) -> None:
     ax.set_title(f"Async DGL, {result['dataset']}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out.with_suffix(".png"), dpi=120)
+    save_figure(fig, out.with_suffix(".png"), dpi=120)
     plt.close(fig)
 
 

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +29,7 @@ import jax
 import numpy as np
 
 from dgl_jax.data import Dataset, load_dataset
+from dgl_jax.files import save_figure, write_atomic, write_json
 from dgl_jax.models import get_model, stage_costs
 from dgl_jax.presets import preset_config
 from dgl_jax.trainer import TrainConfig, Trainer, config_to_dict
@@ -184,10 +184,7 @@ def head_costs(config: TrainConfig, image_shape: tuple[int, ...]) -> dict:
 
 def _atomic_write(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    write_atomic(path, text)
 
 
 def markdown(name: str, table: Table, result: dict) -> str:
@@ -236,11 +233,8 @@ def plot(name: str, result: dict, path: Path) -> None:
         a.legend()
     fig.suptitle(f"{name} ({result['budget']}, {result['dataset']})")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    fig.savefig(tmp, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def render(json_path: str | os.PathLike) -> str:
@@ -313,7 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
     result["wall_s"] = time.time() - t0
     out = Path(args.out_dir)
     stem = args.table if budget == "cpu" else f"{args.table}_{budget}"
-    _atomic_write(out / f"{stem}.json", json.dumps(result, indent=2) + "\n")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / f"{stem}.json", result)
     _atomic_write(out / f"{stem}.md", markdown(args.table, table, result))
     plot(args.table, result, out / f"{stem}.png")
     print(markdown(args.table, table, result))

@@ -51,7 +51,7 @@ def main(process_id: int, port: int, out: str) -> None:
     final = pipe.unpack(state)
     if process_id == 0:
         leaves = {f"leaf{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(final))}
-        np.savez(out, loss=metrics.loss, **leaves)
+        np.savez(out, loss=metrics["loss"], **leaves)
     jax.distributed.shutdown()
     print(f"process {process_id} done", flush=True)
 

@@ -70,7 +70,7 @@ def test_matches_python_model_on_random_sequences(policy, max_reuse):
             st = push(st, item(v), tick=t)
         else:
             expect = ref.sample(policy, max_reuse)
-            (x, y), valid, st = sample(st, jax.random.key(t))
+            (x, y), valid, st = sample(st, key=jax.random.key(t))
             assert bool(valid) == (expect is not None), (t, expect)
             if expect is not None:
                 assert int(y[0]) == expect and float(x[0, 0]) == expect, (t, policy, int(y[0]), expect)
@@ -87,7 +87,7 @@ def test_priority_lifo_recency_across_the_wrap():
     sample = sampler("priority_lifo", None)
     got = []
     for t in range(6):
-        (_, y), valid, st = sample(st, jax.random.key(t))
+        (_, y), valid, st = sample(st, key=jax.random.key(t))
         got.append(int(y[0]))
     # least used first, ties by most recent: 5, 4, 3, then again 5, 4, 3
     assert got == [5, 4, 3, 5, 4, 3]
@@ -97,17 +97,17 @@ def test_priority_lifo_recency_across_the_wrap():
 def test_max_reuse_exhausts_and_push_revives():
     st = buffer.init(2, EXAMPLE)
     sample = sampler("priority_lifo", 1)
-    _, valid, st = sample(st, jax.random.key(0))
+    _, valid, st = sample(st, key=jax.random.key(0))
     assert not bool(valid)  # empty: consumer skips, state unchanged
     assert int(st.uses.sum()) == 0
     st = push(st, item(7), tick=0)
-    _, valid, st = sample(st, jax.random.key(1))
+    _, valid, st = sample(st, key=jax.random.key(1))
     assert bool(valid)
-    _, valid, st2 = sample(st, jax.random.key(2))
+    _, valid, st2 = sample(st, key=jax.random.key(2))
     assert not bool(valid) and not bool(buffer.can_sample(st, max_reuse=1))
     chex.assert_trees_all_equal(st, st2)  # an invalid sample leaves the state alone
     st = push(st, item(8), tick=1)
-    (_, y), valid, st = sample(st, jax.random.key(3))
+    (_, y), valid, st = sample(st, key=jax.random.key(3))
     assert bool(valid) and int(y[0]) == 8
 
 
@@ -118,7 +118,7 @@ def test_uniform_only_returns_eligible_slots_and_covers_them():
     sample = sampler("uniform", None)
     seen = set()
     for t in range(40):
-        (_, y), valid, st = sample(st, jax.random.key(t))
+        (_, y), valid, st = sample(st, key=jax.random.key(t))
         assert bool(valid)
         seen.add(int(y[0]))
     assert seen == {1, 2, 3}

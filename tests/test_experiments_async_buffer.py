@@ -25,3 +25,24 @@ def test_async_buffer_tiny(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| M \\ S |" in md and "Synchronous DGL" in md
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+def test_async_buffer_tiny_vq(tmp_path):
+    """``--vq K:d``: the VQ cells run with packed-VQ codecs on the stages; their buffers store fewer bytes than
+    float32 (buffer_memory, real nbytes), and they are evaluated through the codecs."""
+    out = tmp_path / "async_vq_tiny"
+    result = async_buffer.main(["--tiny", "--vq", "16:4", "--slowdowns", "2", "--out", str(out)])
+    saved = json.loads(out.with_suffix(".json").read_text())
+    assert saved["vq"]["codec"] == "vq-packed:16:4" and saved["vq"]["packed"] is True
+    runs = {r["method"]: r for r in result["runs"]}
+    assert sorted(runs) == ["async", "async_vq", "sync_dgl"] and len(saved["runs"]) == 3
+    flt, coded = runs["async"], runs["async_vq"]
+    assert flt["stored_bytes"] == flt["float32_bytes"] == coded["float32_bytes"]
+    assert coded["stored_bytes"] < coded["float32_bytes"] and coded["buffer_memory_factor"] > 1.0
+    assert coded["stored_bytes"] == sum(coded["buffer_stored_bytes"]) and len(coded["buffer_stored_bytes"]) == 2
+    assert all(w < f for w, f in zip(coded["wire_bytes_per_step"], flt["wire_bytes_per_step"], strict=True))
+    for name in ("test_acc_last", "test_acc_ensemble", "test_acc_last_float_messages"):
+        assert 0.0 <= coded[name] <= 1.0
+    assert len(coded["test_distortion"]) == 2 and all(0.0 <= d < 1.0 for d in coded["test_distortion"])
+    md = out.with_suffix(".md").read_text()
+    assert "vq-packed:16:4" in md and "| async_vq | 2 | 2 |" in md

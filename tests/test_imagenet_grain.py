@@ -11,7 +11,7 @@ import pytest
 
 from dgl_jax import cli, data
 from dgl_jax.data import load_dataset, load_train_source, resize_center_crop
-from dgl_jax.train import evaluate_batch
+from dgl_jax.steps import evaluate_batch
 from dgl_jax.trainer import TrainConfig, Trainer
 
 

@@ -47,7 +47,7 @@ def test_three_stage_cnn_learns_digits(digits, method):
         for idx in batches(len(y), epoch):
             args = (states, x[idx], y[idx]) if j is None else (states, j, x[idx], y[idx])
             states, metrics = step(*args)
-    assert np.isfinite(np.asarray(metrics.loss)).any()
+    assert np.isfinite(np.asarray(metrics["loss"])).any()
     out = jax.jit(functools.partial(evaluate_batch, stages))(
         states, jnp.asarray(digits.test_images), jnp.asarray(digits.test_labels)
     )

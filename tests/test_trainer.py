@@ -10,9 +10,9 @@ import pytest
 from conftest import run_until
 
 from dgl_jax.checkpoint import Checkpointer, state_tree
-from dgl_jax.steps import dgl_step, evaluate_batch
 from dgl_jax.input_pipeline import epoch_order
 from dgl_jax.methods import METHODS, Method, register_method
+from dgl_jax.steps import dgl_step, evaluate_batch
 from dgl_jax.trainer import TrainConfig, Trainer, config_from_dict, config_to_dict
 
 
@@ -87,7 +87,11 @@ def test_registered_method_plugs_in(small, dgl_trainer):
 
         def step(states, extra, x, y, key):
             states, m = dgl_step(stages, states, x, y)
-            return states, {"count": extra["count"] + 1}, {"loss": m["loss"], "accuracy": m["accuracy"], "extra": m["loss"][0]}
+            return (
+                states,
+                {"count": extra["count"] + 1},
+                {"loss": m["loss"], "accuracy": m["accuracy"], "extra": m["loss"][0]},
+            )
 
         return step
 
