@@ -100,7 +100,8 @@ def overlap(k: int, args: argparse.Namespace) -> dict:
         for xb, yb in batches:
             h = xb
             for j, f in enumerate(seq):
-                seq_states[j], h, loss, _ = f(seq_states[j], h, yb)
+                seq_states[j], h, m = f(seq_states[j], h, yb)
+                loss = m["loss"]
             out = loss
         return out  # waited for by time_call at the end only
 
@@ -237,7 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.tiny:
         args.model, args.batch, args.size, args.channels, args.ks, args.head = "small_cnn", 8, 8, 1, [2], "linear"
-        args.traffic_split, args.vq_dim = 3, 16
+        args.traffic_split, args.vq_dim, args.vq_codes = 3, 16, 16
         args.wait_ms, args.steps, args.overlap_ks, args.rounds, args.repeats, args.warmup = 20.0, 6, [2], 1, 2, 1
     if max(args.overlap_ks) > jax.device_count():
         raise ValueError(f"overlap K={max(args.overlap_ks)} needs that many devices, found {jax.device_count()}")

@@ -1,16 +1,40 @@
-"""Save and restore the whole run state with orbax (absolute paths, atomic, keep the last N).
+"""Save and restore the whole run state with orbax: absolute paths, atomic, checksummed, keep the last N.
 
-A checkpoint is a folder ``<run_dir>/checkpoints/<global_step>/`` holding two orbax items: ``state`` (the
-pytree ``{'stages': [StageState, ...], 'extra': ..., 'key': uint32 key data}``) and ``meta`` (JSON:
-``epoch``, ``step`` within the epoch, ``global_step``, and a ``signature`` listing every leaf's path, shape
-and dtype). Before orbax reads any array the signature is compared with the current run's, so a
-checkpoint of another model or method fails with one clear :class:`CheckpointError` line; unreadable
-(corrupted, truncated) checkpoints raise :class:`CheckpointError` too instead of a deep orbax traceback.
+A checkpoint is a folder ``<directory>/<global_step>/`` holding two orbax items: ``state`` (the pytree
+``{'stages': [StageState, ...], 'extra': ..., 'key': uint32 key data}``) and ``meta`` (JSON: ``epoch``,
+``step`` within the epoch, ``global_step``, and a ``signature`` listing every leaf's path, shape and dtype),
+plus ``checksums.json`` (the SHA-256 and size of every other file).
+
+**Writing.** orbax writes the folder as ``<step>.partial`` (itself through its own
+``*.orbax-checkpoint-tmp*`` folder), then the checksums of every file are written atomically and the folder
+is renamed to ``<step>``: a folder named by a step number is always complete. A save that fails (full
+disk, no permission) raises :class:`CheckpointWriteError`, one line naming the path and the cause, and
+leaves the previous checkpoints as they were; :meth:`Checkpointer.cleanup` removes what an interrupted
+save left behind. Old checkpoints beyond ``max_to_keep`` are removed only after the new one is complete.
+
+**Reading.** Before orbax reads anything, the checksums are verified (a flipped bit, a truncated or missing
+file is named in one line) and the signature is compared with the current run's, so a checkpoint of
+another model or method fails with one clear :class:`CheckpointError` line. :meth:`Checkpointer.restore`
+falls back to the newest checkpoint that verifies, reporting each one skipped through ``warn``; orbax's
+own logging and asyncio's are silenced while it works (no tracebacks on the failure paths). Checkpoints of
+earlier versions (no ``checksums.json``) are still read, unverified.
+
+Fault injection for tests (documented in the README, "Faults"): ``DGL_JAX_FAULT_SAVE_ERROR=N`` makes the
+N-th save of the process fail as a full disk would, after orbax has written its files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import hashlib
+import json
+import logging
 import os
+import re
+import shutil
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +42,22 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dgl_jax.files import write_json
+
 PyTree = Any
+CHECKSUMS = "checksums.json"
+PARTIAL = ".partial"  # suffix of a checkpoint being written
+TRASH = ".trash-"  # prefix of a checkpoint being deleted
+LEFTOVERS = (".orbax-checkpoint-tmp", PARTIAL, TRASH)  # names of what an interrupted save or delete leaves
+_saves_in_process = 0
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be used: missing, unreadable, or written for a different model/method."""
+    """A checkpoint that cannot be used: missing, unreadable, corrupt, or written for a different model/method."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint that could not be written (full disk, permissions): the message names the path and cause."""
 
 
 def state_tree(stages: list, extra: PyTree, key: jax.Array) -> dict:
@@ -36,51 +71,224 @@ def signature(tree: PyTree) -> list[str]:
     return [f"{jax.tree_util.keystr(p)} {tuple(np.shape(v))} {np.asarray(v).dtype}" for p, v in leaves]
 
 
-class Checkpointer:
-    """Orbax ``CheckpointManager`` over ``directory`` (made absolute) keeping the last ``max_to_keep``.
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silences orbax's absl logging and asyncio's error reports (their tracebacks) for the duration."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
-    Saves are synchronous (the run state is small next to an epoch) and atomic: orbax writes to a temporary
-    folder and renames it when complete, so an interrupted save leaves the previous checkpoint intact.
+
+def file_checksums(folder: Path) -> dict[str, dict]:
+    """``{relative path: {'sha256': hex, 'bytes': size}}`` of every file under ``folder`` but ``checksums.json``."""
+    out = {}
+    for root, _, files in os.walk(folder):
+        for name in files:
+            path = Path(root) / name
+            rel = path.relative_to(folder).as_posix()
+            if rel == CHECKSUMS:
+                continue
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            out[rel] = {"sha256": digest, "bytes": path.stat().st_size}
+    return dict(sorted(out.items()))
+
+
+def write_error_cause(e: BaseException) -> str:
+    """The cause of a failed write in a few words: the OS error of ``e`` or of its causes (also when orbax /
+    tensorstore report it inside a message, ``[os_error_code='28']``), else the first line of ``e``."""
+    seen = e
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno:
+            return os.strerror(seen.errno)
+        m = re.search(r"os_error_code='?(\d+)", str(seen))
+        if m:
+            return os.strerror(int(m.group(1)))
+        seen = seen.__cause__ or seen.__context__
+    return _first_line(e)
+
+
+class Checkpointer:
+    """Checkpoints of one run in ``directory`` (made absolute), keeping the last ``max_to_keep``.
+
+    Saves are synchronous (the run state is small next to an epoch) and atomic (see the module docstring).
+    Nothing is created until the first :meth:`save`.
     """
 
     def __init__(self, directory: str | os.PathLike, max_to_keep: int = 3):
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory,
-            options=ocp.CheckpointManagerOptions(
-                max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
-            ),
-            item_names=("state", "meta"),
-        )
+        self.max_to_keep = max_to_keep
+        self.skipped: list[tuple[int, str]] = []  # (step, why) of the checkpoints the last restore passed over
+        self._ckptr = None
 
-    def save(self, global_step: int, tree: PyTree, meta: dict) -> None:
-        """Writes ``tree`` and ``meta`` (plus the tree's signature) as checkpoint ``global_step``."""
-        meta = {**meta, "global_step": int(global_step), "signature": signature(tree)}
-        self.manager.save(
-            int(global_step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)),
-            force=True,
-        )
-        self.manager.wait_until_finished()
+    @property
+    def orbax(self) -> ocp.Checkpointer:
+        if self._ckptr is None:
+            self._ckptr = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+        return self._ckptr
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(int(step))
+
+    # -- writing -----------------------------------------------------------------------------------------
+    def save(
+        self, global_step: int, tree: PyTree, meta: dict, before_commit: Callable[[Path], None] | None = None
+    ) -> Path:
+        """Writes ``tree`` and ``meta`` (plus the tree's signature) as checkpoint ``global_step``; returns its
+        folder. ``before_commit(partial_folder)`` is called once every file and the checksums are written,
+        just before the rename that makes the checkpoint visible (a hook for tests). Raises
+        :class:`CheckpointWriteError` (one line: the path and the cause) when it cannot be written; the
+        previous checkpoints are then untouched and the partial folder is removed."""
+        global _saves_in_process
+        _saves_in_process += 1
+        step = int(global_step)
+        final, partial = self.path(step), self.directory / f"{step}{PARTIAL}"
+        meta = {**meta, "global_step": step, "signature": signature(tree)}
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            for old in self.directory.glob(f"{step}{PARTIAL}*"):
+                _remove(old)
+            with quiet():
+                self.orbax.save(
+                    partial, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
+                )
+            if os.environ.get("DGL_JAX_FAULT_SAVE_ERROR", "") == str(_saves_in_process):
+                raise OSError(errno.ENOSPC, "No space left on device (DGL_JAX_FAULT_SAVE_ERROR)", str(partial))
+            write_json(partial / CHECKSUMS, {"algorithm": "sha256", "files": file_checksums(partial)})
+            if before_commit is not None:
+                before_commit(partial)
+            if final.exists():  # an unusable checkpoint of this step (passed over by restore): replaced
+                self._trash(final)
+            os.replace(partial, final)
+            _fsync_dir(self.directory)
+        except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
+            with contextlib.suppress(OSError):
+                for old in self.directory.glob(f"{step}{PARTIAL}*"):
+                    _remove(old)
+            raise CheckpointWriteError(f"cannot write checkpoint {final}: {write_error_cause(e)}") from None
+        self._drop_old()
+        return final
+
+    def _trash(self, folder: Path) -> None:
+        """Removes ``folder``: renamed first, so an interrupted removal never leaves a half step folder."""
+        trash = folder.with_name(f"{TRASH}{folder.name}")
+        _remove(trash)
+        os.replace(folder, trash)
+        _remove(trash)
+
+    def _drop_old(self) -> None:
+        steps = self.steps()
+        for step in steps[: max(0, len(steps) - self.max_to_keep)]:
+            with contextlib.suppress(OSError):
+                self._trash(self.path(step))
+
+    def cleanup(self) -> list[str]:
+        """Removes what interrupted saves and removals left (``*.partial``, ``*.orbax-checkpoint-tmp*``,
+        ``.trash-*``); returns their names. Only for the process that owns the run (it holds its lock)."""
+        if not self.directory.is_dir():
+            return []
+        gone = []
+        for p in sorted(self.directory.iterdir()):
+            if any(marker in p.name for marker in LEFTOVERS):
+                with contextlib.suppress(OSError):
+                    _remove(p)
+                    gone.append(p.name)
+        return gone
+
+    def set_aside(self, step: int) -> Path:
+        """Renames checkpoint ``step`` to ``<step>.corrupt`` (kept for inspection, no longer a checkpoint)."""
+        src = self.path(step)
+        dst, i = src.with_name(f"{step}.corrupt"), 1
+        while dst.exists():
+            dst, i = src.with_name(f"{step}.corrupt{i}"), i + 1
+        os.replace(src, dst)
+        return dst
+
+    # -- reading -----------------------------------------------------------------------------------------
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints (folders named by a number), oldest first."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(int(p.name) for p in self.directory.iterdir() if p.name.isdigit() and p.is_dir())
 
     def latest_step(self) -> int | None:
-        return self.manager.latest_step()
+        steps = self.steps()
+        return steps[-1] if steps else None
 
-    def restore(self, template: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
-        """Restores checkpoint ``step`` (default: the latest) into the structure of ``template``.
-
-        Raises :class:`CheckpointError` when there is none, when it was written for a differently shaped
-        state (other model, split, method or dtype), or when orbax cannot read it.
-        """
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise CheckpointError(f"no checkpoint found in {self.directory}")
+    def verify(self, step: int) -> str | None:
+        """None if checkpoint ``step`` matches its checksums (or predates them), else why not, naming the file."""
+        folder = self.path(step)
+        sums = folder / CHECKSUMS
+        if not sums.exists():
+            return None if folder.is_dir() else f"{folder} is missing"
         try:
-            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+            files = json.loads(sums.read_text())["files"]
+            items = [(str(rel), str(v["sha256"]), int(v["bytes"])) for rel, v in files.items()]
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            return f"{sums} is unreadable ({type(e).__name__})"
+        for rel, digest, size in items:
+            path = folder / rel
+            try:
+                have = path.stat().st_size
+                with open(path, "rb") as f:
+                    ok = hashlib.file_digest(f, "sha256").hexdigest() == digest
+            except FileNotFoundError:
+                return f"{path} is missing"
+            except OSError as e:
+                return f"{path} is unreadable ({e.strerror or type(e).__name__})"
+            if have != size:
+                return f"{path} is truncated or extended ({have} bytes, {size} written)"
+            if not ok:
+                return f"{path} does not match its checksum (corrupted)"
+        return None
+
+    def restore(
+        self, template: PyTree, step: int | None = None, warn: Callable[[str], None] | None = None
+    ) -> tuple[PyTree, dict]:
+        """Restores checkpoint ``step`` (default: the newest that is usable) into the structure of ``template``.
+
+        Each newer checkpoint passed over (checksum mismatch, truncated, missing or unreadable file) is
+        reported through ``warn`` (default: :func:`warnings.warn`), one line naming the file, and recorded in
+        :attr:`skipped`. Raises :class:`CheckpointError` when there is none, when none is usable, or when the
+        checkpoint was written for a differently shaped state (other model, split, method or dtype).
+        """
+        warn = warn or (lambda msg: warnings.warn(msg, RuntimeWarning, stacklevel=3))
+        candidates = [int(step)] if step is not None else self.steps()[::-1]
+        self.skipped = []
+        if not candidates:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        for s in candidates:
+            try:
+                restored, meta = self._restore_one(template, s)
+            except _Unusable as e:
+                self.skipped.append((s, str(e)))
+                continue
+            for bad, why in self.skipped:
+                warn(f"checkpoint {self.path(bad)} is unusable: {why}; using checkpoint {self.path(s)} instead")
+            return restored, meta
+        if len(self.skipped) == 1:
+            raise CheckpointError(f"no usable checkpoint: {self.skipped[0][1]}")
+        why = "; ".join(f"{s}: {w}" for s, w in self.skipped)
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: {why}")
+
+    def _restore_one(self, template: PyTree, step: int) -> tuple[PyTree, dict]:
+        folder = self.path(step)
+        problem = self.verify(step)
+        if problem is not None:
+            raise _Unusable(problem)
+        try:
+            with quiet():
+                meta = self.orbax.restore(folder, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} is unreadable: {_first_line(e)}") from e
+            raise _Unusable(f"checkpoint {folder} is unreadable: {_first_line(e)}") from None
         if not isinstance(meta, dict) or "signature" not in meta:
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} has no dgl_jax metadata")
+            raise _Unusable(f"checkpoint {folder} has no dgl_jax metadata")
         want, have = signature(template), list(meta["signature"])
         if want != have:
             diff = next(
@@ -88,23 +296,58 @@ class Checkpointer:
                 f"{len(have)} arrays in the checkpoint vs {len(want)} now",
             )
             raise CheckpointError(
-                f"checkpoint {self.directory / str(step)} does not match this run's model/method: first "
-                f"difference {diff}"
+                f"checkpoint {folder} does not match this run's model/method: first difference {diff}"
             )
         try:
             abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
-            restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))[
-                "state"
-            ]
+            with quiet():
+                args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+                restored = self.orbax.restore(folder, args=args)["state"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} is unreadable: {_first_line(e)}") from e
+            raise _Unusable(f"checkpoint {folder} is unreadable: {_first_line(e)}") from None
         restored = jax.tree.map(lambda t, r: jax.numpy.asarray(r, dtype=np.asarray(t).dtype), template, restored)
         return restored, meta
 
+    def read(self, step: int | None = None) -> PyTree:
+        """The saved state pytree of checkpoint ``step`` (default: the newest) as orbax reads it back, without a
+        template (dicts and lists of arrays), after verifying its checksums."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise CheckpointError(f"no checkpoint found in {self.directory}")
+        problem = self.verify(step)
+        if problem is not None:
+            raise CheckpointError(problem)
+        with quiet():
+            return self.orbax.restore(self.path(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))[
+                "state"
+            ]
+
     def close(self) -> None:
-        self.manager.close()
+        if self._ckptr is not None:
+            self._ckptr.close()
+            self._ckptr = None
 
 
-def _first_line(e: Exception) -> str:
+class _Unusable(Exception):
+    """A checkpoint that cannot be read (corrupt, truncated, missing): restore falls back to an older one."""
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0] if text else ''}"[:300]

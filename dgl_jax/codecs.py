@@ -286,7 +286,7 @@ def vq(
                 f"message {list(x.shape)} has only {n}"
             )
         key = jax.random.key(0) if key is None else key
-        return vqmath.init(key, num_codes, d, g)
+        return vqmath.init(num_codes, d, g, key=key)
 
     def encode(state: VQCodecState, message: PyTree, key: jax.Array | None = None) -> tuple[VQCodecState, VQWire]:
         x = _single_leaf(message)
@@ -294,7 +294,9 @@ def vq(
             k_seed, k_restart = jax.random.key(0), None
         else:
             k_seed, k_restart = jax.random.fold_in(key, 0), jax.random.fold_in(key, 1)
-        state = jax.lax.cond(state.step == 0, lambda s: vqmath.init_from_data(s, k_seed, x, method), lambda s: s, state)
+        state = jax.lax.cond(
+            state.step == 0, lambda s: vqmath.init_from_data(s, x, method, key=k_seed), lambda s: s, state
+        )
         codes = vqmath.encode(state, x)
         wire = VQWire(codes=pack_bits(codes, bits) if packed else codes, codebook=state.codebook)
         new_state = vqmath.update(

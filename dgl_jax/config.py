@@ -111,8 +111,8 @@ def validate_config(config: TrainConfig) -> None:
         bad("dtype", config.dtype, f"one of {sorted(DTYPES)}")
     if not (isinstance(config.lr, (int, float)) and math.isfinite(config.lr) and config.lr > 0):
         bad("learning rate", config.lr, "a finite number > 0")
-    if not config.momentum >= 0:
-        bad("momentum", config.momentum, "a number >= 0")
+    if not (isinstance(config.momentum, (int, float)) and 0 <= config.momentum < 1):
+        bad("momentum", config.momentum, "a number in [0, 1)")
     if not config.weight_decay >= 0:
         bad("weight decay", config.weight_decay, "a number >= 0")
     if not 0 < config.decay_factor <= 1:
@@ -138,6 +138,12 @@ def validate_config(config: TrainConfig) -> None:
         bad("split", config.split, "K >= 1 or a list of units per stage")
     if isinstance(config.decay_epochs, int) and config.decay_epochs < 1:
         bad("decay epochs", config.decay_epochs, "an integer >= 1, a list of epochs, or none")
+    if isinstance(config.decay_epochs, (tuple, list)) and not (
+        config.decay_epochs
+        and all(isinstance(e, int) and e >= 1 for e in config.decay_epochs)
+        and all(a < b for a, b in zip(config.decay_epochs, config.decay_epochs[1:], strict=False))
+    ):
+        bad("decay epochs", ",".join(map(str, config.decay_epochs)), "positive, increasing epochs (e.g. 6,8)")
     if config.codec is not None:
         from dgl_jax.codecs import parse_codec
 

@@ -21,6 +21,7 @@ from dgl_jax.layers import Conv
 from dgl_jax.losses import accuracy
 from dgl_jax.objective import stage_apply
 from dgl_jax.stage import Stage, StageState, init_stage_states, message_specs
+from dgl_jax.steps import apply_updates
 
 
 class Synthesizer(nn.Module):
@@ -100,16 +101,6 @@ def _block_fn(stage: Stage, state: StageState):
     return fn
 
 
-def _update(stage: Stage, state: StageState, grads, model_state) -> StageState:
-    updates, opt_state = stage.tx.update(grads, state.opt_state, state.params)
-    return state._replace(
-        params=optax.apply_updates(state.params, updates),
-        model_state=model_state,
-        opt_state=opt_state,
-        step=state.step + 1,
-    )
-
-
 def dni_step(
     stages: Sequence[Stage],
     synths: Sequence[Stage],
@@ -151,10 +142,10 @@ def dni_step(
     new_states = [None] * k
     for j in range(k - 1):
         g_params, g_input = vjps[j](synth_grads[j].astype(outs[j].dtype))
-        new_states[j] = _update(stages[j], states[j], g_params, new_stats[j])
+        new_states[j] = apply_updates(stages[j], states[j], g_params, new_stats[j])
         if j > 0:
             targets[j - 1] = g_input
-    new_states[k - 1] = _update(last, last_st, g_last, last_bs)
+    new_states[k - 1] = apply_updates(last, last_st, g_last, last_bs)
     new_synth, synth_losses = [], []
     for s, ss, hj, target in zip(synths, synth_states, outs, targets, strict=True):
         target = jax.lax.stop_gradient(target.astype(jnp.float32))
@@ -164,7 +155,7 @@ def dni_step(
             return jnp.mean(jnp.square(s.block.apply({"params": p}, hj, labels) - target))
 
         sl, g = jax.value_and_grad(reg)(ss.params)
-        new_synth.append(_update(s, ss, g, {}))
+        new_synth.append(apply_updates(s, ss, g, {}))
         synth_losses.append(sl)
     nan = jnp.full((k - 1,), jnp.nan, jnp.float32)
     metrics = {

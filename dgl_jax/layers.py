@@ -106,6 +106,10 @@ class BatchNorm(nn.Module):
 # ----------------------------------------------------------------------------------------------------------
 # Pooling helpers (pure functions)
 # ----------------------------------------------------------------------------------------------------------
+class InputTooSmallError(ValueError):
+    """A downsampling layer given fewer pixels than its window (a model too deep for the image size)."""
+
+
 def adaptive_bins(n: int, m: int) -> list[tuple[int, int]]:
     """PyTorch's adaptive-pool bins: output ``i`` of ``m`` averages input ``[floor(i*n/m), ceil((i+1)*n/m))``."""
     if n < 1 or m < 1:
@@ -130,6 +134,8 @@ def adaptive_avg_pool(x: jax.Array, output_size: int | tuple[int, int]) -> jax.A
     """
     oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
     _, h, w, _ = x.shape
+    if h < 1 or w < 1:
+        raise InputTooSmallError(f"adaptive average pooling gets an empty {h}x{w} input")
     if (h, w) == (oh, ow):
         return x
     if h % oh == 0 and w % ow == 0:
@@ -176,6 +182,10 @@ def downsample(x: jax.Array, kind: str | None, window: int = 2, stride: int | No
     """
     if kind in (None, "stride"):
         return x
+    if kind in DOWNSAMPLERS and (x.shape[1] < window or x.shape[2] < window):
+        raise InputTooSmallError(
+            f"its input of {x.shape[1]}x{x.shape[2]} pixels is smaller than its {window}x{window} {kind} window"
+        )
     if kind == "maxpool":
         return nn.max_pool(x, (window, window), strides=(stride or window,) * 2)
     if kind == "avgpool":
@@ -318,25 +328,22 @@ class CNNHead(nn.Module):
 
 
 class LinearHead(nn.Module):
-    """Flatten ``[batch, H, W, C]`` -> Dense (the DNI network's last classifier, on its 1x1 output)."""
+    """``[batch, H, W, C]`` -> Dense: flattened (``pool=False``: the DNI network's last classifier, on its 1x1
+    output) or after a global average pool (``pool=True``: the ResNets' own classifier)."""
 
     num_classes: int
     dtype: Dtype = jnp.float32
+    pool: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return _classifier(x.reshape(x.shape[0], -1), self.num_classes, self.dtype)
+        x = jnp.mean(x, axis=(1, 2)) if self.pool else x.reshape(x.shape[0], -1)
+        return _classifier(x, self.num_classes, self.dtype)
 
 
-class GAPLinearHead(nn.Module):
+def GAPLinearHead(num_classes: int, dtype: Dtype = jnp.float32) -> LinearHead:  # noqa: N802 - a head like the others
     """Global average pool -> Dense (the ResNets' own classifier)."""
-
-    num_classes: int
-    dtype: Dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        return _classifier(jnp.mean(x, axis=(1, 2)), self.num_classes, self.dtype)
+    return LinearHead(num_classes, dtype, pool=True)
 
 
 class DNIHead(nn.Module):

@@ -17,8 +17,14 @@ PyTree = Any
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    """Mean softmax cross-entropy of ``logits: [batch, classes]`` against integer ``labels: [batch]``."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+    """Mean softmax cross-entropy of ``logits: [batch, classes]`` against integer ``labels: [batch]``.
+
+    A label outside ``[0, classes)`` makes the loss and its gradient NaN (never silently another class, as
+    an index of ``-1`` would): the run then stops as diverged instead of learning from wrong labels. The
+    check is one compare and a multiply, nothing on the host."""
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    valid = (labels >= 0) & (labels < logits.shape[-1])
+    return (losses * jnp.where(valid, 1.0, jnp.nan)).mean()
 
 
 def mse(predictions: jax.Array, targets: jax.Array) -> jax.Array:

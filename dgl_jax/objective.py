@@ -18,6 +18,7 @@ from typing import Any, NamedTuple
 import flax
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dgl_jax.losses import accuracy, cross_entropy
 from dgl_jax.stage import Stage, decode_message, encode_message, message_specs
@@ -48,24 +49,45 @@ def stage_key(key: jax.Array | None, j: int) -> jax.Array | None:
     return None if key is None else jax.random.fold_in(key, j)
 
 
+def with_auto_axes(fn: Any, x: PyTree, *args: Any) -> Any:
+    """``fn(x, *args)``, with the current mesh's Explicit axes made automatic inside (``jax.sharding.auto_axes``)
+    so the zoo's reshapes need no sharding annotations. Outputs whose leading axis is the batch keep ``x``'s
+    batch sharding; the others (statistics, parameters) come out replicated. Without an Explicit mesh: ``fn``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or not mesh.explicit_axes:
+        return fn(x, *args)
+    leaf = jax.tree.leaves(x)[0]
+    batch, batch_axes = leaf.shape[0], jax.typeof(leaf).sharding.spec[0] if leaf.ndim else None
+    plain = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), t)  # noqa: E731
+    shapes = jax.eval_shape(fn, plain(x), *plain(args))
+    spec = lambda a: P(batch_axes, *([None] * (a.ndim - 1))) if a.ndim and a.shape[0] == batch else P()  # noqa: E731
+    return jax.sharding.auto_axes(fn, out_sharding=jax.tree.map(spec, shapes))(x, *args)
+
+
 def stage_apply(
     stage: Stage, params: PyTree, model_state: PyTree, x: PyTree, train: bool = True, key: jax.Array | None = None
 ) -> StageOutput:
     """Runs block and head of ``stage`` on ``x``; in train mode every mutable collection of ``model_state``
-    is updated (BatchNorm statistics, ...). ``key`` feeds the stage's RNG streams (dropout, ...)."""
-    variables = {"params": params, **model_state}
+    is updated (BatchNorm statistics, ...). ``key`` feeds the stage's RNG streams (dropout, ...). Works on
+    batches sharded over Auto and Explicit mesh axes (:func:`with_auto_axes`)."""
     mutable = list(model_state) if train else False
-    try:
+    rngs = stage.rngs(key)
+
+    def run(x, params, model_state):
+        variables = {"params": params, **model_state}
         if mutable:
-            (h, out), new = stage.module.apply(variables, x, True, rngs=stage.rngs(key), mutable=mutable)
-            return StageOutput(h, out, dict(new))
-        h, out = stage.module.apply(variables, x, train, rngs=stage.rngs(key))
+            (h, out), new = stage.module.apply(variables, x, True, rngs=rngs, mutable=mutable)
+            return h, out, dict(new)
+        h, out = stage.module.apply(variables, x, train, rngs=rngs)
+        return h, out, model_state
+
+    try:
+        return StageOutput(*with_auto_axes(run, x, params, model_state))
     except flax.errors.InvalidRngError as e:
         raise ValueError(
             f"stage {stage.layers or type(stage.block).__name__} draws random numbers ({str(e).splitlines()[0][:80]}"
             "...): pass key=... to the step or loss"
         ) from None
-    return StageOutput(h, out, model_state)
 
 
 def stage_loss(

@@ -624,21 +624,28 @@ class SpmdPipeline:
             p.pack(jax.device_get(st), self.num_floats, self.num_ints, np)
             for p, st in zip(self.packers, states, strict=True)
         ]
+        sh = self.shardings()
+        inbox = jax.tree.map(
+            lambda s, spec: self._global(np.zeros((self.k, *spec.shape), spec.dtype), s), sh.inbox, self._inbox_specs()
+        )
+        return SpmdState(
+            self._global(np.stack([h[0] for h in host]), sh.floats),
+            self._global(np.stack([h[1] for h in host]), sh.ints),
+            inbox,
+            self._global(np.zeros((self.k,), bool), sh.valid),
+        )
+
+    def shardings(self) -> SpmdState:
+        """Where every array of the state lives: row j on stage j; inbox leaves whose leading axis is the batch
+        are also split over the data axis."""
         sh = self._stage_sharding()
         d = self.data_axis
-        batched = NamedSharding(self.mesh, self._spec(d))  # batch-leading leaves split over the data axis
+        batched = NamedSharding(self.mesh, self._spec(d))
 
-        def zeros(s):
-            lead = d is not None and len(s.shape) >= 1 and s.shape[0] == self.batch
-            return self._global(np.zeros((self.k, *s.shape), s.dtype), batched if lead else sh)
+        def leaf(s):
+            return batched if d is not None and len(s.shape) >= 1 and s.shape[0] == self.batch else sh
 
-        inbox = jax.tree.map(zeros, self._inbox_specs())
-        return SpmdState(
-            self._global(np.stack([h[0] for h in host]), sh),
-            self._global(np.stack([h[1] for h in host]), sh),
-            inbox,
-            self._global(np.zeros((self.k,), bool), sh),
-        )
+        return SpmdState(sh, sh, jax.tree.map(leaf, self._inbox_specs()), sh)
 
     def unpack(self, state: SpmdState) -> list[StageState]:
         """The per-stage :class:`StageState` s as host numpy (gathered from every process)."""
@@ -711,7 +718,9 @@ class SpmdPipeline:
             out = smap(*state, x, y, key_data, valid_in)
             return SpmdState(*out[:4]), {"loss": out[4], "accuracy": out[5]}
 
-        return jax.jit(tick, donate_argnums=0)
+        sh = self._stage_sharding()
+        out_shardings = (self.shardings(), {"loss": sh, "accuracy": sh})
+        return jax.jit(tick, donate_argnums=0, out_shardings=out_shardings)
 
     def tick(
         self, state: SpmdState, x: PyTree, targets: PyTree, valid: bool = True, key: jax.Array | None = None

@@ -28,19 +28,15 @@ _CIFAR_SGD = dict(
     batch_size=128,
     augment=True,
 )
-_IMAGENET = dict(
-    dataset="imagenet2012",
-    optimizer="sgd",
-    lr=0.1,
-    momentum=0.9,
-    weight_decay=1e-4,
-    decay_epochs=10,
-    decay_factor=0.1,
-    epochs=50,
-    batch_size=256,
-    augment=True,
-    loader="grain",  # imagenet2012 is streamed (images resized on the host); the in-memory loader refuses it
-)
+_IMAGENET = {  # the ImageNet recipe: the CIFAR one with its own data, decay, batch and loader
+    **_CIFAR_SGD,
+    "dataset": "imagenet2012",
+    "weight_decay": 1e-4,
+    "decay_epochs": 10,
+    "decay_factor": 0.1,
+    "batch_size": 256,
+    "loader": "grain",  # imagenet2012 is streamed (images resized on the host); the in-memory loader refuses it
+}
 
 PRESETS: dict[str, Preset] = {
     "quickstart": Preset("the default: small_cnn, 3 stages, digits, 10 epochs (well under a minute on a CPU)", {}),

@@ -30,14 +30,15 @@ import jax.numpy as jnp
 import optax
 
 from dgl_jax.losses import accuracy, cross_entropy, is_classification, per_example
-from dgl_jax.objective import split_key, stage_apply, stage_key, stage_loss
+from dgl_jax.objective import split_key, stage_apply, stage_key, stage_loss, with_auto_axes
 from dgl_jax.stage import Stage, StageState, decode_message, encode_message
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
 
 
-def _apply_updates(stage: Stage, state: StageState, grads: PyTree, model_state: PyTree) -> StageState:
+def apply_updates(stage: Stage, state: StageState, grads: PyTree, model_state: PyTree) -> StageState:
+    """``state`` after one step of ``stage.tx`` on ``grads``, with the new ``model_state`` and ``step + 1``."""
     if stage.tx is None:
         raise ValueError("stage has no optimizer: build stages with with_optimizer(...) first")
     updates, opt_state = stage.tx.update(grads, state.opt_state, state.params)
@@ -58,7 +59,7 @@ def local_update(
     pre-update params in train mode (before any codec); ``metrics``: scalar ``loss`` and ``accuracy``."""
     grad_fn = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)
     (loss, out), grads = grad_fn(stage, state.params, state.model_state, x, targets, True, key)
-    new_state = _apply_updates(stage, state, grads, out.model_state)
+    new_state = apply_updates(stage, state, grads, out.model_state)
     return new_state, jax.lax.stop_gradient(out.features), {"loss": loss, "accuracy": accuracy(out.output, targets)}
 
 
@@ -132,7 +133,7 @@ def backprop_step(
 
     (loss, (output, new_ms)), grads = jax.value_and_grad(loss_fn, has_aux=True)([s.params for s in states])
     new_states = [
-        _apply_updates(stage, st, g, ms) for stage, st, g, ms in zip(stages, states, grads, new_ms, strict=True)
+        apply_updates(stage, st, g, ms) for stage, st, g, ms in zip(stages, states, grads, new_ms, strict=True)
     ]
     nan = jnp.full((len(stages) - 1,), jnp.nan, jnp.float32)
     return new_states, {
@@ -144,10 +145,14 @@ def backprop_step(
 def forward_features(stages: Sequence[Stage], states: Sequence[StageState], x: PyTree, train: bool = False) -> PyTree:
     """Output of the blocks of ``stages`` on ``x`` (heads not run; BatchNorm in eval mode by default)."""
     for stage, state in zip(stages, states, strict=True):
-        variables = {"params": state.params, **state.model_state}
-        mutable = list(state.model_state) if train else False
-        x = stage.module.apply(variables, x, train, method=stage.module.features, mutable=mutable)
-        x = x[0] if mutable else x
+
+        def block(x, params, model_state, stage=stage):
+            variables = {"params": params, **model_state}
+            mutable = list(model_state) if train else False
+            out = stage.module.apply(variables, x, train, method=stage.module.features, mutable=mutable)
+            return out[0] if mutable else out
+
+        x = with_auto_axes(block, x, state.params, state.model_state)
     return jax.lax.stop_gradient(x)
 
 

@@ -313,9 +313,9 @@ class Trainer:
     def evaluate(self, states: list[StageState], images=None, labels=None, extra: PyTree = None) -> dict:
         """Accuracy and mean loss of every head on the whole evaluation split (no example dropped: the last
         batch is padded and masked), plus the weighted ensemble: ``{'accuracy': [K], 'loss': [K],
-        'ensemble': float}`` (NaN for stages without head). ``extra``: the method's state (e.g. the codebooks
-        that quantize messages between stages, see ``Method.eval_messages``); None: float messages. The
-        evaluation split is streamed from :attr:`eval_source` when there is one (``images`` None)."""
+        'ensemble': float}`` (NaN for stages without head). Messages go through the stages' codecs (their
+        states are in ``states``); ``extra`` is not used. The evaluation split is streamed from
+        :attr:`eval_source` when there is one (``images`` None)."""
         extra = {} if extra is None else extra
         if images is None and self.eval_source is not None:
             out, n = self._evaluate_streamed(states, extra), self.num_test

@@ -16,8 +16,8 @@ dtype holding ``K`` codes (:func:`code_dtype`).
   ratio, with Laplace-smoothed counts), then the restart of dead codes (EMA count below a threshold) from
   random current vectors, *after* the EMA update so that restarted codes are not killed by stale counts;
 * :func:`stats`: coverage (fraction of codes used by a batch), perplexity, max-count ratio;
-* bit accounting: :func:`index_bits`, :func:`bits_per_sample`, :func:`compression_ratio`,
-  :func:`buffer_bytes`, :func:`codebook_bits`, :func:`traffic_bits_per_sample`.
+* :func:`index_bits`: the bits one packed code takes (``dgl_jax.codecs`` packs them); every byte figure
+  is the ``nbytes`` of a wire (:mod:`dgl_jax.accounting`).
 
 Padding: a state may hold ``max_codes >= num_codes`` centroids; entries ``>= num_codes`` are masked out
 everywhere (never chosen, never updated, never restarted) and ``num_codes`` is a traced int32 leaf, so
@@ -28,7 +28,6 @@ padded state gives the same codes as an unpadded one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from typing import NamedTuple
 
 import jax
@@ -104,13 +103,13 @@ def resolve_groups(channels: int, code_dim: int | None = None, groups: int | Non
 
 
 def init(
-    key: jax.Array,
     num_codes: int,
     code_dim: int,
     groups: int = 1,
     *,
     max_codes: int | None = None,
     scale: float = 1.0,
+    key: jax.Array,
 ) -> VQState:
     """A quantizer with ``groups`` codebooks of ``num_codes`` random normal centroids (std ``scale``) of
     dimension ``code_dim``, padded to ``max_codes`` entries (default ``num_codes``). EMA counts start at 1
@@ -161,11 +160,11 @@ def check_finite(x: jax.Array, stage: str | int | None = None) -> None:
 
 def init_from_data(
     state: VQState,
-    key: jax.Array,
     x: jax.Array,
     method: str = "sample",
     *,
     max_points: int = 4096,
+    key: jax.Array,
 ) -> VQState:
     """Re-seeds ``state``'s centroids from the vectors of ``x: [batch, H, W, C]`` (or ``[N, C]``).
 
@@ -254,8 +253,8 @@ def update(
     *,
     decay: float = 0.99,
     eps: float = 1e-5,
-    key: jax.Array | None = None,
     restart_threshold: float = 0.0,
+    key: jax.Array | None = None,
 ) -> VQState:
     """One online k-means step on ``x: [batch, H, W, C]`` assigned to ``codes: [batch, H, W, G]``.
 
@@ -284,11 +283,11 @@ def update(
     codebook = jnp.where(active[:, None], ema_sum / jnp.maximum(smoothed, 1e-12)[..., None], state.codebook)
     new = VQState(codebook, ema_count, ema_sum, state.num_codes, state.step + 1)
     if key is not None and restart_threshold > 0:
-        new = restart_dead(new, key, flat, restart_threshold)
+        new = restart_dead(new, flat, restart_threshold, key)
     return new
 
 
-def restart_dead(state: VQState, key: jax.Array, x: jax.Array, threshold: float) -> VQState:
+def restart_dead(state: VQState, x: jax.Array, threshold: float, key: jax.Array) -> VQState:
     """Restarts active codes with ``ema_count < threshold`` on random rows of ``x`` (``[N, G, d]`` or
     ``[batch, H, W, C]``), giving them the group's mean EMA count. Shape-static: jit/scan/vmap friendly."""
     flat = x if x.ndim == 3 else _flatten(state, x)
@@ -330,69 +329,9 @@ def distortion(x: jax.Array, x_hat: jax.Array) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Bit accounting (plain Python numbers)
+# The packed code format (bytes of wires: dgl_jax.accounting)
 # ----------------------------------------------------------------------------------------------------------
 def index_bits(num_codes: int) -> int:
-    """Bits of one index on the wire with dense packing: ``ceil(log2 num_codes)``."""
+    """Bits of one packed code (``dgl_jax.codecs.vq(..., packed=True)``): ``ceil(log2 num_codes)``."""
     _check_num_codes(num_codes)
     return math.ceil(math.log2(num_codes))
-
-
-def bits_per_sample(
-    feature_shape: Sequence[int], num_codes: int | None = None, groups: int | None = None, float_bits: int = 32
-) -> int:
-    """Bits one sample's feature map ``(H, W, C)`` costs on a boundary: ``H W G ceil(log2 K)`` quantized, or
-    ``H W C float_bits`` when ``num_codes`` is ``None``."""
-    h, w, c = feature_shape
-    if num_codes is None:
-        return h * w * c * float_bits
-    if groups is None or groups < 1 or c % groups:
-        raise ValueError(f"groups {groups} does not divide the {c} channels")
-    return h * w * groups * index_bits(num_codes)
-
-
-def compression_ratio(code_dim: int, num_codes: int, float_bits: int = 32) -> float:
-    """Float features over codes, per vector: ``float_bits * d / ceil(log2 K)`` (32 for float32, 16 for
-    bfloat16); e.g. ``d=16, K=256``: 64x vs float32, 32x vs bfloat16."""
-    return float_bits * code_dim / index_bits(num_codes)
-
-
-def codebook_bits(num_codes: int, code_dim: int, groups: int, float_bits: int = 32) -> int:
-    """Bits of one full codebook sync (sender -> receiver): ``G K d float_bits``."""
-    return groups * num_codes * code_dim * float_bits
-
-
-def traffic_bits_per_sample(
-    feature_shape: Sequence[int],
-    num_codes: int,
-    groups: int,
-    batch_size: int,
-    sync_every: int = 1,
-    float_bits: int = 32,
-) -> float:
-    """Bits per sample crossing a boundary: the codes plus the codebook sync amortised over the
-    ``sync_every * batch_size`` samples sent between two syncs."""
-    if batch_size < 1 or sync_every < 1:
-        raise ValueError(f"batch_size and sync_every must be >= 1, got {batch_size}, {sync_every}")
-    c = feature_shape[-1]
-    sync = codebook_bits(num_codes, c // groups, groups, float_bits) / (batch_size * sync_every)
-    return bits_per_sample(feature_shape, num_codes, groups) + sync
-
-
-def buffer_bytes(
-    num_batches: int,
-    batch_size: int,
-    feature_shape: Sequence[int],
-    num_codes: int | None = None,
-    groups: int | None = None,
-    float_bytes: int = 4,
-) -> int:
-    """Bytes of a replay buffer of ``num_batches`` mini-batches of features ``(H, W, C)`` as stored in memory:
-    codes in :func:`code_dtype` (``H W G`` items per sample) when ``num_codes`` is given, else floats of
-    ``float_bytes``. Labels and the codebook are not included."""
-    h, w, c = feature_shape
-    if num_codes is None:
-        return num_batches * batch_size * h * w * c * float_bytes
-    if groups is None or groups < 1 or c % groups:
-        raise ValueError(f"groups {groups} does not divide the {c} channels")
-    return num_batches * batch_size * h * w * groups * code_dtype(num_codes).itemsize

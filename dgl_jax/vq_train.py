@@ -163,7 +163,7 @@ def boundary_codec(cfg: VQConfig) -> codecs.Codec:
         (x,) = jax.tree.leaves(example)
         groups, code_dim = cfg.layout(int(x.shape[-1]))
         key = jax.random.key(0) if key is None else key
-        s = vq.init(key, cfg.num_codes, code_dim, groups, max_codes=cfg.max_codes)
+        s = vq.init(cfg.num_codes, code_dim, groups, max_codes=cfg.max_codes, key=key)
         return Boundary(s, s.codebook)
 
     def encode(b: Boundary, x: jax.Array, key: jax.Array | None = None) -> tuple[Boundary, codecs.VQWire]:
@@ -243,8 +243,8 @@ def _seed_codebook(
     key: jax.Array, feats: jax.Array, num_codes: int, code_dim: int, groups: int, max_codes: int | None, method: str
 ) -> vq.VQState:
     k1, k2 = jax.random.split(key)
-    s = vq.init(k1, num_codes, code_dim, groups, max_codes=max_codes)
-    return vq.init_from_data(s, k2, feats, method)
+    s = vq.init(num_codes, code_dim, groups, max_codes=max_codes, key=k1)
+    return vq.init_from_data(s, feats, method, key=k2)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ def train_step(params, model_states, opt_state, xb, yb):
 for i in range(150):
     idx = jax.random.permutation(jax.random.key(i), len(y))[:64]
     params, model_states, opt_state, loss = train_step(params, model_states, opt_state, x[idx], y[idx])
-states = [s._replace(params=p, model_state=m) for s, p, m in zip(states, params, model_states)]
+states = [s._replace(params=p, model_state=m) for s, p, m in zip(states, params, model_states, strict=True)]
 out = evaluate_batch(stages, states, jnp.asarray(data.test_images), jnp.asarray(data.test_labels))  # eval mode
 print(f"greedy loss after 150 steps: {loss:.3f}")
 print("eval-mode test accuracy per head:", np.round(100 * np.asarray(out.per_head) / len(data.test_labels), 1))

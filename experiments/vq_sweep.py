@@ -1,8 +1,13 @@
-"""Accuracy of the last head vs bits per sample sent between stages, for online-VQ DGL on Fashion-MNIST.
+"""Accuracy of the last head vs bytes sent between stages, for online-VQ DGL on Fashion-MNIST.
 
 All VQ configurations and the unquantized DGL baseline train in ONE compiled program
 (:func:`dgl_jax.vq_train.make_sweep`, ``mode="loop"`` on CPU), on the same batches from the same initial
 weights; backprop trains with the same batches and initial trunk weights in its own jitted step.
+
+Bytes are bytes: every traffic and memory figure is the ``nbytes`` of what a deployed boundary sends or a
+replay buffer stores, measured by :mod:`dgl_jax.accounting` on the stages carrying the codec each
+configuration stands for (``vq-packed:K:d``: packed codes plus the float32 codebook on every send; none for
+float32 DGL; ``bfloat16`` for the bf16 reference).
 
     python experiments/vq_sweep.py                 # the reported run (reduced CPU budget, see --help)
     python experiments/vq_sweep.py --tiny --out /tmp/x   # CI smoke run: digits, a few steps
@@ -24,10 +29,24 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dgl_jax import backprop_step, drop_aux_heads, evaluate_batch, init_stage_states, make_optimizer, with_optimizer
+from dgl_jax import (
+    accounting,
+    backprop_step,
+    codecs,
+    drop_aux_heads,
+    evaluate_batch,
+    init_stage_states,
+    make_optimizer,
+    message_specs,
+    with_codec,
+    with_optimizer,
+)
 from dgl_jax import vq_train as vt
+from dgl_jax.asynchronous import AsyncConfig, init_async
 from dgl_jax.data import load_digits, load_fashion_mnist
+from dgl_jax.files import save_figure, write_atomic
 from dgl_jax.models import cifar_cnn
+from dgl_jax.stage import wire_spec
 
 DEFAULT_CONFIGS = "16:16,64:16,256:16,256:8,16:4"
 
@@ -39,6 +58,29 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
         k, d = item.split(":")
         out.append((int(k), int(d)))
     return out
+
+
+def measure_bytes(stages, boundary_codecs, key, x, y, buffer_batches: int) -> dict:
+    """Per-step traffic and replay-buffer memory (summed over the boundaries) of ``stages`` with
+    ``boundary_codecs`` (one codec or ``None`` per boundary), from :mod:`dgl_jax.accounting`: the nbytes of
+    the wires each step sends and of async-DGL buffers of ``buffer_batches`` items ``(wire, labels)``.
+    Everything is abstract (``jax.eval_shape``): nothing is allocated or computed."""
+    coded = with_codec(stages, boundary_codecs)
+    states = jax.eval_shape(lambda: init_stage_states(coded, key, x))
+    traffic = accounting.boundary_traffic(coded, states, x)
+    messages = message_specs(coded, states, x)
+    wires = [wire_spec(s, st.codec, m) for s, st, m in zip(coded[:-1], states[:-1], messages, strict=True)]
+    book = sum(accounting.nbytes(w.codebook) for w in wires if isinstance(w, codecs.VQWire))
+    bufs = jax.eval_shape(lambda: init_async(coded, states, x, y, AsyncConfig(capacity=buffer_batches), key).buffers)
+    memory = accounting.buffer_memory(coded, bufs)
+    return {
+        "codecs": [t["codec"] for t in traffic],
+        "wire_bytes": sum(t["wire_bytes"] for t in traffic),
+        "codebook_bytes": book,
+        "float32_bytes": sum(t["float32_bytes"] for t in traffic),
+        "buffer_bytes": sum(m["stored_bytes"] for m in memory),
+        "buffer_bytes_fp32": sum(m["float32_bytes"] for m in memory),
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,8 +141,9 @@ def main(argv: list[str] | None = None) -> dict:
     x0 = jnp.asarray(xtr[:bs])
     plans = [None] + [vt.VQConfig(num_codes=k, code_dim=d) for k, d in configs]
     sweep = vt.make_sweep(stages, plans, mode="loop")
-    carry = sweep.init(init_stage_states(stages, key, x0), vq_key, x0)
-    shapes = vt.boundary_shapes(stages, sweep.select(carry, 0)[0], x0)
+    states0 = init_stage_states(stages, key, x0)
+    carry = sweep.init(states0, vq_key, x0)
+    shapes = [list(m.shape[1:]) for m in message_specs(stages, states0, x0)]
     bp_states = init_stage_states(bp_stages, key, x0)
     print(f"init done {time.time() - t_start:.1f} s", flush=True)
 
@@ -127,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
             if step % 25 == 0 or step == total_steps - 1:
                 jax.block_until_ready(metrics)
                 vt.check_metrics(jax.tree.map(lambda *a: jnp.stack(a), *metrics))
-                history.append({"step": step, "loss_last": [float(m.loss[-1]) for m in metrics]})
+                history.append({"step": step, "loss_last": [float(m["loss"][-1]) for m in metrics]})
                 print(f"step {step}/{total_steps} loss(last head) {history[-1]['loss_last']}", flush=True)
             last_metrics = [*last_metrics[-19:], metrics]  # the last 20 steps
             t_train += time.time() - t0
@@ -144,35 +187,38 @@ def main(argv: list[str] | None = None) -> dict:
     bp_acc = float(np.asarray(bp_correct)[-1] / len(xte) * 100)
     t_eval = time.time() - t0
 
+    # Bytes: the nbytes of the wires and buffer items of the codec each configuration stands for.
+    y0 = jnp.asarray(ytr[:bs])
+    measure = lambda c: measure_bytes(stages, c, key, x0, y0, args.buffer_batches)  # noqa: E731
+    bf16 = measure(codecs.cast(jnp.bfloat16))
     rows = []
-    float_bits = sum(vq_bits for vq_bits in vt.boundary_traffic(vt.as_plan(None, len(stages)), shapes, bs).float32)
     for i, (plan, (k, d)) in enumerate(zip(plans, [(None, None)] + configs, strict=True)):
-        tr_plan = vt.as_plan(plan, len(stages))
-        tr = vt.boundary_traffic(tr_plan, shapes, bs)
-        mean = lambda f, i=i: [float(np.mean([getattr(m[i], f)[j] for m in last_metrics])) for j in range(len(shapes))]  # noqa: E731
-        buf = [vt.vq.buffer_bytes(1, bs, s, k, s[-1] // d) if k else vt.vq.buffer_bytes(1, bs, s) for s in shapes]
+        b = measure(vt.as_codecs(plan, len(stages), packed=True))
+        mean = lambda f, i=i: [float(np.mean([m[i][f][j] for m in last_metrics])) for j in range(len(shapes))]  # noqa: E731
         rows.append(
             {
                 "method": "dgl" if plan is None else "dgl+vq",
                 "num_codes": k,
                 "code_dim": d,
                 "groups": None if k is None else [s[-1] // d for s in shapes],
+                "codecs": b["codecs"],
                 "acc_last": float(acc[i, -1]),
                 "acc_heads": [float(a) for a in acc[i]],
-                "bits_per_sample": sum(tr.total),
-                "code_bits_per_sample": sum(tr.codes),
-                "sync_bits_per_sample": sum(tr.sync),
-                "ratio_fp32": float_bits / sum(tr.total),
-                "ratio_bf16": float_bits / 2 / sum(tr.total),
-                "buffer_bytes_per_batch": sum(buf),
-                "buffer_factor": vt.buffer_memory(tr_plan, shapes, args.buffer_batches, bs).factor,
+                "wire_bytes_per_batch": b["wire_bytes"],
+                "codebook_bytes_per_batch": b["codebook_bytes"],
+                "wire_bytes_per_sample": b["wire_bytes"] / bs,
+                "ratio_fp32": b["float32_bytes"] / b["wire_bytes"],
+                "ratio_bf16": bf16["wire_bytes"] / b["wire_bytes"],
+                "buffer_bytes_per_batch": b["buffer_bytes"] / args.buffer_batches,
+                "buffer_factor": b["buffer_bytes_fp32"] / b["buffer_bytes"],
                 "distortion": None if plan is None else mean("distortion"),
                 "coverage": None if plan is None else mean("coverage"),
                 "perplexity": None if plan is None else mean("perplexity"),
             }
         )
+    float_bytes = rows[0]["wire_bytes_per_batch"]
     rows.append(
-        {"method": "backprop", "num_codes": None, "code_dim": None, "acc_last": bp_acc, "bits_per_sample": None}
+        {"method": "backprop", "num_codes": None, "code_dim": None, "acc_last": bp_acc, "wire_bytes_per_batch": None}
     )
     wall = time.time() - t_start
     result = {
@@ -191,13 +237,15 @@ def main(argv: list[str] | None = None) -> dict:
             "max_train_seconds": args.max_train_seconds,
             "optimizer": f"sgd lr={args.lr} momentum=0.9 wd=5e-4, x0.2 at epoch {max(epochs - 1, 1)}",
         },
-        "vq": "EMA k-means, decay 0.99, eps 1e-5, restart_threshold 1e-2, sync_every 1, init from first batch",
+        "vq": "EMA k-means, decay 0.99, eps 1e-5, restart_threshold 1e-2, sync_every 1, init from first batch; "
+        "bytes of codec vq-packed:K:d (packed codes + float32 codebook per send)",
         "seeds": {"data_subset": args.seed, "weights": args.seed, "vq": args.seed + 1},
         "rows": rows,
         "buffer_batches": args.buffer_batches,
         "dgl_acc": float(acc[0, -1]),
         "backprop_acc": bp_acc,
-        "float32_bits_per_sample": float_bits,
+        "float32_bytes_per_batch": float_bytes,
+        "float32_bytes_per_sample": float_bytes / bs,
         "timing_s": {"wall": wall, "train_loop": t_train, "eval": t_eval},
         "machine": {
             "platform": platform.platform(),
@@ -211,13 +259,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "vq_sweep.json").write_text(json.dumps(result, indent=1))
+    write_atomic(out / "vq_sweep.json", json.dumps(result, indent=1))
     write_reports(result, out)
     return result
 
 
 def write_reports(result: dict, out: Path) -> None:
-    (out / "vq_sweep.md").write_text(markdown(result))
+    write_atomic(out / "vq_sweep.md", markdown(result))
     plot(result, out / "vq_sweep.png")
     print(markdown(result))
 
@@ -230,12 +278,12 @@ def markdown(r: dict) -> str:
         f"{b['train_examples']} training examples, {b['epochs']} epochs planned, batch {b['batch_size']}, "
         f"{b['steps']} of {b.get('planned_steps', b['steps'])} planned steps done; "
         f"test on {b['test_examples']}. Wall time {r['timing_s']['wall']:.0f} s. Float32 messages: "
-        f"{r['float32_bits_per_sample']:.0f} bits/sample over {len(r['boundary_shapes'])} boundaries "
-        f"{r['boundary_shapes']}.",
+        f"{r['float32_bytes_per_batch']} bytes per batch ({r['float32_bytes_per_sample']:.0f} per sample) over "
+        f"{len(r['boundary_shapes'])} boundaries {r['boundary_shapes']}.",
         "",
         f"Command: `{r['command']}`",
         "",
-        "| method | K | d | bits/sample (codes + sync) | vs fp32 | vs bf16 | buffer B/batch | buffer memory "
+        "| method | K | d | bytes/batch sent (codebook) | vs fp32 | vs bf16 | buffer B/batch | buffer memory "
         f"(M={r['buffer_batches']}) vs fp32 | acc last head | Δ vs DGL | coverage | rel. distortion |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -249,18 +297,20 @@ def markdown(r: dict) -> str:
         fmt = lambda v: "" if v is None else "/".join(f"{x:.2f}" for x in v)  # noqa: E731
         lines.append(
             f"| {row['method']} | {row['num_codes'] or ''} | {row['code_dim'] or ''} | "
-            f"{row['bits_per_sample']:.0f} ({row['code_bits_per_sample']:.0f} + {row['sync_bits_per_sample']:.0f}) | "
-            f"{row['ratio_fp32']:.1f}x | {row['ratio_bf16']:.1f}x | {row['buffer_bytes_per_batch']} | "
+            f"{row['wire_bytes_per_batch']} ({row['codebook_bytes_per_batch']}) | "
+            f"{row['ratio_fp32']:.1f}x | {row['ratio_bf16']:.1f}x | {row['buffer_bytes_per_batch']:.0f} | "
             f"{row['buffer_factor']:.1f}x | "
             f"{row['acc_last']:.2f} | {row['acc_last'] - r['dgl_acc']:+.2f} | "
             f"{fmt(row['coverage']) if q else ''} | {fmt(row['distortion']) if q else ''} |"
         )
     lines += [
         "",
-        "bits/sample: summed over boundaries; sync = full float32 codebook sent every step, amortised per sample. "
-        "Buffer B/batch: bytes one mini-batch of messages takes in a replay buffer (uint8/uint16 codes vs float32), "
-        "computed, not measured. Buffer memory: float32 buffers of M batches at every boundary over code buffers plus "
-        "the receiver's float32 codebook. Coverage / distortion per boundary, mean of the last 20 steps.",
+        "Bytes are the nbytes of the arrays (dgl_jax.accounting), summed over boundaries, for the codec each row "
+        "stands for: float32 messages for DGL, vq-packed:K:d for DGL+VQ (ceil(log2 K)-bit codes packed per example, "
+        "plus the float32 codebook [G, K, d] sent with every wire, in brackets); vs bf16: the same messages cast to "
+        "bfloat16. Buffer B/batch: bytes one replay-buffer item (wire and labels) takes; buffer memory: float32 "
+        "buffers of M items at every boundary over the stored ones. Coverage / distortion per boundary, mean of the "
+        "last 20 steps.",
     ]
     return "\n".join(lines) + "\n"
 
@@ -274,20 +324,22 @@ def plot(r: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     vq_rows = [row for row in r["rows"] if row["method"] == "dgl+vq"]
     for d in sorted({row["code_dim"] for row in vq_rows}):
-        rs = sorted((row for row in vq_rows if row["code_dim"] == d), key=lambda row: row["bits_per_sample"])
-        ax.plot([row["bits_per_sample"] for row in rs], [row["acc_last"] for row in rs], "o-", label=f"DGL+VQ d={d}")
+        rs = sorted((row for row in vq_rows if row["code_dim"] == d), key=lambda row: row["wire_bytes_per_sample"])
+        xs = [row["wire_bytes_per_sample"] for row in rs]
+        ax.plot(xs, [row["acc_last"] for row in rs], "o-", label=f"DGL+VQ d={d}")
         for row in rs:
-            ax.annotate(f"K={row['num_codes']}", (row["bits_per_sample"], row["acc_last"]), fontsize=7)
-    ax.axhline(r["dgl_acc"], color="k", ls="--", label=f"DGL fp32 ({r['float32_bits_per_sample']:.0f} bits)")
+            ax.annotate(f"K={row['num_codes']}", (row["wire_bytes_per_sample"], row["acc_last"]), fontsize=7)
+    f32 = r["float32_bytes_per_sample"]
+    ax.axhline(r["dgl_acc"], color="k", ls="--", label=f"DGL fp32 ({f32:.0f} B/sample)")
     ax.axhline(r["backprop_acc"], color="gray", ls=":", label="backprop")
-    ax.axvline(r["float32_bits_per_sample"] / 32, color="r", lw=0.8, label="32x less than fp32")
+    ax.axvline(f32 / 32, color="r", lw=0.8, label="32x less than fp32")
     ax.set_xscale("log")
-    ax.set_xlabel("bits per sample between stages (all boundaries, codes + codebook sync)")
+    ax.set_xlabel("bytes per sample sent between stages (all boundaries, codes + codebook)")
     ax.set_ylabel("test accuracy, last head (%)")
     ax.set_title(f"{r['dataset']}: online VQ between DGL stages")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -1,4 +1,5 @@
-"""Asynchronous DGL whose replay buffers hold VQ codes (dgl_jax.asynchronous with AsyncConfig.vq)."""
+"""Asynchronous DGL with a VQ codec on the stages (dgl_jax.asynchronous + dgl_jax.codecs.vq): the replay buffers
+hold packed codes plus the codebook they refer to, and their bytes (dgl_jax.accounting) are what they hold."""
 
 import chex
 import jax
@@ -6,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from dgl_jax import accounting, codecs, init_stage_states, make_optimizer, vq, with_codec, with_optimizer
 from dgl_jax import asynchronous as A
-from dgl_jax import init_stage_states, make_optimizer, vq, with_optimizer
-from dgl_jax import vq_train as vt
 from dgl_jax.models import cifar_cnn
-from dgl_jax.objective import stage_apply
-from dgl_jax.train import evaluate_batch, stage_step
+from dgl_jax.steps import local_update, stage_step
 
 B = 16
-CFG = vt.VQConfig(num_codes=16, code_dim=4)  # stage 0 sends [B, 8, 8, 8]: 2 groups of 4 channels
+CODEC = codecs.vq(16, code_dim=4, packed=True)  # stage 0 sends [B, 8, 8, 8]: 2 groups of 4 channels, 4 bits
+PACKED = 8 * 8 * 2 * 4 // 8  # bytes of one example's codes
+BOOK = 2 * 16 * 4 * 4  # float32 codebook [G, K, d]
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +30,7 @@ def model(data):
     # 2 stages: conv 8 (8x8) | maxpool, conv 16 (4x4); linear heads: one small program per run length
     stages = cifar_cnn((8, 16), (1,), split=2, head="linear", last_head_depth=0)
     stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, steps_per_epoch=100))
+    stages = with_codec(stages, CODEC)
     return stages, init_stage_states(stages, jax.random.key(0), data[0][:B])
 
 
@@ -36,142 +38,115 @@ def fresh(states):
     return jax.tree.map(jnp.copy, states)
 
 
-def test_buffers_hold_codes_and_the_receiver_trains_on_their_decoding(model, data):
+def test_buffers_hold_packed_codes_and_the_receiver_trains_on_their_decoding(model, data):
     stages, states = model
     x, y = data
-    cfg = A.AsyncConfig(capacity=3, warmup_rounds=0, vq=CFG)
+    assert isinstance(states[0].codec, vq.VQState) and states[1].codec == ()
+    cfg = A.AsyncConfig(capacity=3, warmup_rounds=0)
     st = A.init_async(stages, fresh(states), x[:B], y[:B], cfg, jax.random.key(1))
-    codes_buf, labels_buf = st.buffers[0].items
-    assert codes_buf.dtype == jnp.uint8 and codes_buf.shape == (3, B, 8, 8, 2)
+    wires, labels_buf = st.buffers[0].items
+    assert isinstance(wires, codecs.VQWire) and isinstance(wires.codes, codecs.PackedBits)
+    assert wires.codes.data.dtype == jnp.uint8 and wires.codes.data.shape == (3, B, PACKED)
+    assert wires.codebook.dtype == jnp.float32 and wires.codebook.shape == (3, 2, 16, 4)
     assert labels_buf.dtype == y.dtype and labels_buf.shape == (3, B)
     run = A.make_async_run(stages, cfg, lambda n: (x[:B], y[:B]), 2)
     schedule = A.RoundRobin(2)
     assert "stablehlo.while" in run.lower(st, schedule).as_text()  # the ticks are one lax.scan in one program
-    # tick 0: stage 0 steps, encodes its output, pushes codes; tick 1: stage 1 samples them, decodes, steps
+    # tick 0: stage 0 steps and pushes its wire; tick 1: stage 1 samples it, decodes, steps
     st, rec = run(st, schedule)
     assert np.asarray(rec.updated).tolist() == [[True, False], [False, True]]
     assert int(st.buffers[0].size) == 1 and int(rec.staleness[1, 1]) == 1
-    codes, labels = st.buffers[0].items[0][0], st.buffers[0].items[1][0]
-    assert codes.dtype == jnp.uint8 and int(codes.max()) < CFG.num_codes
+    wire, labels = jax.tree.map(lambda a: a[0], st.buffers[0].items)
+    assert wire.codes.data.dtype == jnp.uint8 and int(codecs.unpack_bits(wire.codes).max()) < 16
     np.testing.assert_array_equal(labels, y[:B])
-    b = st.boundaries[0]
-    assert int(b.sender.step) == 1  # seeded from data and updated once
-    np.testing.assert_array_equal(b.receiver, b.sender.codebook)  # sync_every=1
-    assert 0.0 < float(rec.distortion[0, 0]) < 0.5  # seeded on the data, not on the random placeholder
-    assert np.isnan(np.asarray(rec.distortion)[:, 1]).all()  # the last stage sends nothing
-    # what stage 1 consumed must be the receiver's decoding of the pushed codes
-    step = jax.jit(lambda j, s, xx, yy: stage_step(stages[j], s, xx, yy), static_argnums=0)
-    ref_state, _, ref_loss, _ = step(1, states[1], vq.decode(b.receiver, codes), labels)
-    np.testing.assert_allclose(float(rec.loss[1, 1]), float(ref_loss), rtol=1e-5)
+    assert int(st.states[0].codec.step) == 1  # seeded from the first message and updated once
+    # the stored codebook is the one the codes were encoded with (seeded on the data, not the random init)
+    feats = local_update(stages[0], states[0], x[:B], y[:B])[1]
+    decoded = CODEC.decode(wire)
+    assert 0.0 < float(vq.distortion(feats, decoded)) < 0.5
+    assert not np.array_equal(wire.codebook, states[0].codec.codebook)
+    # what stage 1 consumed is the decoding of the stored wire
+    step = jax.jit(lambda s, xx, yy: stage_step(stages[1], s, xx, yy))
+    ref_state, _, ref_m = step(states[1], decoded, labels)
+    np.testing.assert_allclose(float(rec.loss[1, 1]), float(ref_m["loss"]), rtol=1e-5)
     chex.assert_trees_all_close(st.states[1].params, ref_state.params, rtol=1e-5, atol=1e-6)
-    chex.assert_trees_all_close(st.states[1].batch_stats, ref_state.batch_stats, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(st.states[1].model_state, ref_state.model_state, rtol=1e-5, atol=1e-6)
     # the check can fail: a step on the float features (what plain async DGL sends) lands elsewhere
-    feats = step(0, states[0], x[:B], y[:B])[1]
-    float_state = step(1, states[1], feats, labels)[0]
+    float_state = step(states[1], feats, labels)[0]
     diff = jax.tree.map(lambda a, c: float(jnp.max(jnp.abs(a - c))), float_state.params, ref_state.params)
     assert max(jax.tree.leaves(diff)) > 1e-4
 
 
-def test_async_method_with_codes_trains_and_logs_buffer_memory(model, data):
-    """``--method async`` with ``vq_*`` options (the registered hooks, jitted as the trainer does): codebooks
-    seeded inside the first step (``init_extra`` only sees zeros), codes carried in the buffers, loss going
-    down, per-stage memory and VQ health in the metrics."""
-    from dgl_jax.trainer import METHODS, TrainConfig
-
-    A.register_methods()
+def test_async_simulation_with_codes_learns(model, data):
+    """A jitted run on a slowed paper schedule: the receiver, which only ever sees decoded codes, learns."""
     stages, states = model
     x, y = data
-    opts = {"capacity": 3, "slow_stage": 0, "slowdown": 1.5, "vq_num_codes": 16, "vq_code_dim": 4}
-    cfg = TrainConfig(method="async", batch_size=B, method_options=opts)
-    method = METHODS["async"]
-    extra = method.init_extra(stages, fresh(states), cfg, jax.random.key(2), x[:1])
-    assert extra["buffers"][0].items[0].dtype == jnp.uint8 and extra["vq"][0].receiver.shape == (2, 16, 4)
-    step = jax.jit(method.make_step(stages, cfg, 0, False))
-    sts, losses, updates = fresh(states), [], np.zeros(2)
-    for i in range(40):  # one step = K = 2 ticks of the paper's schedule
-        j = i % 4
-        sts, extra, m = step(sts, extra, x[j * B : (j + 1) * B], y[j * B : (j + 1) * B], jax.random.key(10 + i))
-        losses.append(np.asarray(m["loss"]))
-        updates += np.asarray(m["updates"])
-    loss = np.stack(losses)[:, 1]  # the receiver, trained only on decoded codes
-    loss = loss[np.isfinite(loss)]
-    assert len(loss) >= 25
-    assert loss[-8:].mean() < loss[:8].mean() - 0.3, loss
-    assert int(extra["vq"][0].sender.step) == updates[0]  # one codebook update per send
-    assert 0 < float(m["vq_coverage"][0]) <= 1 or np.isnan(m["vq_coverage"][0])  # NaN: stage 0 idle this step
-    assert np.isnan(np.asarray(m["vq_distortion"][1]))
-    codes = 3 * B * 8 * 8 * 2  # 3 slots of [B, 8, 8, 2] uint8 codes
-    book = 2 * 16 * 4 * 4  # [G, K, d] float32
-    fp32 = 3 * B * 8 * 8 * 8 * 4
-    np.testing.assert_allclose(m["buffer_mib"], [0, (codes + book) / 2**20], rtol=1e-6)
-    np.testing.assert_allclose(m["buffer_mib_fp32"], [0, fp32 / 2**20], rtol=1e-6)
-
-    # evaluation (Trainer.evaluate, `python -m dgl_jax eval`) goes through the receiver's codebook
-    out0 = stage_apply(stages[0], sts[0].params, sts[0].batch_stats, x, train=False)
-    shared = extra["vq"][0].sender._replace(codebook=extra["vq"][0].receiver)
-    decoded = vq.decode(shared, vq.encode(shared, out0.features))
-    assert not np.allclose(decoded, out0.features)  # a float pass would give other logits
-    out1 = stage_apply(stages[1], sts[1].params, sts[1].batch_stats, decoded, train=False)
-    expected = [jnp.sum(jnp.argmax(o.logits, -1) == y) for o in (out0, out1)]
-    got = evaluate_batch(stages, sts, x, y, messages=method.eval_messages(extra)).per_head
-    chex.assert_trees_all_equal(got, jnp.stack(expected))
-    assert method.eval_messages({k: v for k, v in extra.items() if k != "vq"}) is None  # float buffers
+    cfg = A.AsyncConfig(capacity=2)
+    input_fn = A.epoch_input_fn(x, y, B, jax.random.key(3))
+    run = A.make_async_run(stages, cfg, input_fn, 100)
+    st = A.init_async(stages, fresh(states), x[:B], y[:B], cfg, jax.random.key(4))
+    st, rec = run(st, A.paper_schedule(2, slow_stage=0, slowdown=1.5))
+    upd = np.asarray(rec.updated)
+    assert upd[:, 1].sum() > upd[:, 0].sum() > 25  # stage 1 reuses buffered wires while stage 0 is slower
+    loss = np.asarray(rec.loss)[upd[:, 1], 1]
+    assert np.isfinite(loss).all()
+    assert loss[-10:].mean() < loss[:10].mean() - 0.3, loss
+    assert int(st.states[0].codec.step) == upd[:, 0].sum()  # one codebook update per send
+    assert st.buffers[0].items[0].codes.data.dtype == jnp.uint8
 
 
-def test_buffer_memory_is_the_arithmetic(model, data):
+def test_buffer_memory_is_the_nbytes_of_the_stored_items(model, data):
     stages, states = model
     x, y = data
     m = 5
-    plans = {"codes": CFG, "uint16": vt.VQConfig(num_codes=300, code_dim=8), "float": None}
-    mem = {}
-    for name, plan in plans.items():
-        st = A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(capacity=m, vq=plan), jax.random.key(4))
-        mem[name] = A.buffer_memory(st)
-        shapes = [tuple(b.items[0].shape[2:4]) + (8,) for b in st.buffers]
-        assert shapes == vt.boundary_shapes(stages, states, x[:B])
-        ref = vt.buffer_memory(vt.as_plan(plan, 2), shapes, m, B)
-        got = mem[name]
-        assert got["buffer_bytes"][1] == ref.codes and got["codebook_bytes"][1] == ref.codebook
-        assert got["buffer_bytes_fp32"][1] == ref.float32
-        assert got["buffer_bytes"][0] == got["codebook_bytes"][0] == got["buffer_bytes_fp32"][0] == 0
-    fp32 = m * B * 8 * 8 * 8 * 4  # M batches of [B, 8, 8, 8] float32
-    assert mem["float"]["buffer_bytes"][1] == mem["float"]["buffer_bytes_fp32"][1] == fp32
-    assert mem["codes"]["buffer_bytes_fp32"][1] == fp32
-    assert mem["codes"]["buffer_bytes"][1] == m * B * 8 * 8 * 2 * 1  # 2 groups, one uint8 each
-    assert mem["codes"]["codebook_bytes"][1] == 2 * 16 * 4 * 4  # [G, K, d] float32
-    assert mem["uint16"]["buffer_bytes"][1] == m * B * 8 * 8 * 1 * 2  # 1 group of 8, uint16
-    assert fp32 / mem["codes"]["buffer_bytes"][1] == 16  # 4 channels x 4 bytes -> 1 byte
+    st = A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(capacity=m), jax.random.key(4))
+    (mem,) = accounting.buffer_memory(stages, st.buffers)
+    assert mem["stored_bytes"] == accounting.nbytes(st.buffers[0].items)
+    assert mem["stored_bytes"] == m * (B * PACKED + BOOK + B * 4)  # packed codes, codebook, int32 labels
+    assert mem["float32_bytes"] == m * (B * 8 * 8 * 8 * 4 + B * 4)
+    assert mem["stored_bytes"] < mem["float32_bytes"] / 20
+    float_stages = with_codec(stages, None)
+    float_states = [s._replace(codec=()) for s in states]
+    fs = A.init_async(float_stages, float_states, x[:B], y[:B], A.AsyncConfig(capacity=m), jax.random.key(4))
+    (fmem,) = accounting.buffer_memory(float_stages, fs.buffers)
+    assert fmem["stored_bytes"] == fmem["float32_bytes"] == mem["float32_bytes"]
+    delayed = A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(delay=2), jax.random.key(0))
+    line = delayed.lines[0].items[0]
+    assert line.codes.data.dtype == jnp.uint8 and line.codes.data.shape == (2, B, PACKED)  # wires in flight too
 
 
-def test_bad_vq_settings_raise_clear_errors(model, data):
-    stages, states = model
-    x, y = data
-    with pytest.raises(ValueError, match="stage 0.*code_dim 3 does not divide the 8 channels"):
-        A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(vq=vt.VQConfig(16, code_dim=3)), jax.random.key(0))
-    with pytest.raises(ValueError, match="at least 2048 vectors.*has 1024"):
-        A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(vq=vt.VQConfig(2048, 4)), jax.random.key(0))
-    with pytest.raises(ValueError, match="one VQ config .* per boundary: 1, got 2"):
-        A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(vq=[CFG, CFG]), jax.random.key(0))
-    with pytest.raises(ValueError, match="vq must be None, a VQConfig"):
-        A.AsyncConfig(vq=16)
-    delayed = A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(delay=2, vq=CFG), jax.random.key(0))
-    assert delayed.lines[0].items[0].dtype == jnp.uint8 and delayed.lines[0].items[0].shape == (2, B, 8, 8, 2)
-    float_state = A.init_async(stages, states, x[:B], y[:B], A.AsyncConfig(), jax.random.key(0))
-    with pytest.raises(ValueError, match="no codebooks"):
-        A.async_ticks(stages, A.AsyncConfig(vq=CFG), lambda n: (x[:B], y[:B]), float_state, A.RoundRobin(2), 1)
+def test_bad_codec_settings_raise_clear_errors(model, data):
+    stages, _ = model
+    x, _ = data
+    with pytest.raises(ValueError, match="code_dim 3 does not divide the 8 channels"):
+        init_stage_states(with_codec(stages, codecs.vq(16, code_dim=3)), jax.random.key(0), x[:B])
+    with pytest.raises(ValueError, match="seeds 2048 codes .* has only 1024"):
+        init_stage_states(with_codec(stages, codecs.vq(2048, code_dim=4)), jax.random.key(0), x[:B])
 
-    class Cfg:  # the trainer's view: TrainConfig.method_options
-        def __init__(self, **o):
-            self.method_options = o
 
-    assert A._async_options(Cfg(vq_num_codes=64, vq_code_dim=8))[0].vq == vt.VQConfig(64, 8)
-    assert A._async_options(Cfg(vq_num_codes=64, vq_groups=2))[0].vq == vt.VQConfig(64, None, groups=2)
-    assert A._async_options(Cfg(vq_num_codes=64))[0].vq == vt.VQConfig(64, 16)
-    with pytest.raises(ValueError, match=r"\['vq_code_dim'\] need vq_num_codes"):
-        A._async_options(Cfg(vq_code_dim=8))
-    with pytest.raises(ValueError, match="async VQ options: num_codes must be an integer >= 2, got 1"):
-        A._async_options(Cfg(vq_num_codes=1))
-    with pytest.raises(ValueError, match="async VQ options: give exactly one of code_dim or groups"):
-        A._async_options(Cfg(vq_num_codes=64, vq_code_dim=8, vq_groups=2))
-    with pytest.raises(ValueError, match="sync_every must be an integer >= 1"):
-        A._async_options(Cfg(vq_num_codes=64, vq_sync_every=0))
+def test_trainer_async_method_with_a_packed_vq_codec(digits):
+    """``--method async --codec vq-packed:16:4``: the buffers hold packed codes, the run trains and evaluates,
+    and the logged buffer memory is the bytes of what the buffers hold."""
+    from dgl_jax.data import Dataset
+    from dgl_jax.trainer import TrainConfig, Trainer
+
+    ds = Dataset("digits", digits.train_images[:64], digits.train_labels[:64], digits.test_images[:100],
+                 digits.test_labels[:100], 10)  # fmt: skip
+    cfg = TrainConfig(epochs=1, batch_size=32, chunk_steps=2, head="linear", method="async",
+                      codec="vq-packed:16:4", method_options={"capacity": 2}, split=2,
+                      model_options={"width_mult": 0.25})  # fmt: skip
+    trainer = Trainer(cfg, dataset=ds, log=lambda s: None)
+    assert [s.codec.name for s in trainer.stages[:-1]] == ["vq-packed:16:4"] * (len(trainer.stages) - 1)
+    init = trainer.init_state()
+    for buf in init.extra["buffers"]:
+        wire, labels = buf.items
+        assert wire.codes.data.dtype == jnp.uint8 and wire.codebook.dtype == jnp.float32
+        assert labels.dtype == jnp.int32
+    (event,) = list(trainer.fit(init))
+    assert np.isfinite(np.asarray(event.train["loss"], float)).all()
+    mem = accounting.buffer_memory(trainer.stages, event.state.extra["buffers"])
+    got = np.asarray(event.train["buffer_mib"])[1:] * 2**20
+    np.testing.assert_allclose(got, [accounting.nbytes(b.items) for b in event.state.extra["buffers"]], rtol=1e-6)
+    np.testing.assert_allclose(got, [m["stored_bytes"] for m in mem], rtol=1e-6)
+    assert (got < np.asarray(event.train["buffer_mib_fp32"])[1:] * 2**20).all()
+    assert event.eval is not None and len(event.eval["accuracy"]) == len(trainer.stages)
