@@ -40,7 +40,9 @@ class TrainConfig:
     the datasets whose images vary in size (``imagenet2012``: shorter side resized to ``round(S*256/224)``,
     centre crop S, on the host; ``None``: the dataset's default, 224), an error for any other dataset;
     ``codec``: the boundary codec of every stage boundary (:func:`dgl_jax.codecs.parse_codec` syntax, e.g.
-    ``vq-packed:16:4``; ``None``: float32 messages), for the methods that send messages (dgl, async)."""
+    ``vq-packed:16:4``; ``None``: float32 messages), for the methods that send messages (dgl, async);
+    ``devices`` (``None``: all local devices; the command line's default), ``parallel``, ``stage_groups``
+    and ``executor``: how the run uses its devices (:mod:`dgl_jax.devices`)."""
 
     method: str = "dgl"
     model: str = "small_cnn"
@@ -69,6 +71,10 @@ class TrainConfig:
     loader: str = "memory"
     image_size: int | None = None
     codec: str | None = None
+    devices: int | None = 1
+    parallel: str = "data"
+    stage_groups: int | None = None
+    executor: str = "spmd"
 
 
 def config_to_dict(config: TrainConfig) -> dict:

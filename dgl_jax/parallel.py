@@ -29,6 +29,7 @@ import dataclasses
 import functools
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +41,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from dgl_jax.accounting import nbytes
 from dgl_jax.objective import stage_key
 from dgl_jax.stage import Stage, StageState, decode_message, message_specs, wire_spec
 from dgl_jax.steps import stage_step
@@ -419,6 +421,7 @@ class PipelinedDGL:
         batches: Iterable[tuple[Any, Any]],
         key: jax.Array | None = None,
         *,
+        keys: Sequence[jax.Array] | None = None,
         maxsize: int = 2,
         timeout_s: float | None = None,
     ) -> tuple[list[StageState], dict[str, np.ndarray]]:
@@ -426,7 +429,9 @@ class PipelinedDGL:
         and the metrics of every step (``loss``/``accuracy`` ``[T, K]``, host numpy).
 
         Equal to T sequential :func:`~dgl_jax.steps.dgl_step` calls with keys ``fold_in(key, t)`` (default
-        ``key``: ``jax.random.key(0)``). ``states`` must come from :meth:`place` and are donated. No worker
+        ``key``: ``jax.random.key(0)``), or ``keys[t]`` when given. :attr:`bytes_sent` then holds, per
+        boundary, the ``nbytes`` of the wires and targets moved to the next stage's devices. ``states`` must
+        come from :meth:`place` and are donated. No worker
         blocks on device results: the only waits are the bounded queues (``maxsize``) and, at the end,
         fetching the metrics.
         """
@@ -437,12 +442,16 @@ class PipelinedDGL:
         final: list[Any] = list(states)
         metrics: list[list[Any]] = [[] for _ in range(k)]
 
+        self.bytes_sent = [0] * (k - 1)
+
         def make_fn(j):
             fn, rep = self._compiled[j], self.placement.state_sharding(j)
 
             def step(msg):
                 wire, targets, key_t = msg
                 wire, targets = self.put(j, wire), self.put(j, targets)
+                if j > 0:
+                    self.bytes_sent[j - 1] += nbytes(wire) + nbytes(targets)
                 final[j], out, m = fn(final[j], wire, targets, jax.device_put(stage_key(key_t, j), rep))
                 metrics[j].append(m)
                 return out, targets, key_t
@@ -452,7 +461,7 @@ class PipelinedDGL:
         def items():
             for t, (x, y) in enumerate(batches):
                 self._check_batch(jax.tree.leaves(x)[0].shape[0])
-                yield x, y, jax.random.fold_in(key, t)
+                yield x, y, (keys[t] if keys is not None else jax.random.fold_in(key, t))
 
         run_chain([make_fn(j) for j in range(k)], items(), maxsize=maxsize, timeout_s=timeout_s)
         return final, {
@@ -513,15 +522,14 @@ class SpmdState(NamedTuple):
     """The whole pipeline as stacked arrays, row j on stage j's devices (mesh axis ``'stage'``):
 
     ``floats [K, Pf]`` / ``ints [K, Pi]``: each stage's :class:`StageState` (codec state included), packed
-    and zero-padded; ``inbox``: one ``(wire, targets, key_data)`` per boundary, every leaf ``[K, ...]``: row
-    j+1 of boundary j's entry is what stage j sent at the previous tick (zeros elsewhere); ``valid [K]``:
-    whether stage j's input is a real batch (False during the pipeline's fill).
+    and zero-padded; ``inbox``: one ``(wire, targets, key_data, valid)`` per boundary, every leaf
+    ``[K, ...]``: row j+1 of boundary j's entry is what stage j sent at the previous tick (zeros elsewhere),
+    ``valid`` saying whether it is a real batch (False during the pipeline's fill).
     """
 
     floats: jax.Array
     ints: jax.Array
     inbox: tuple
-    valid: jax.Array
 
 
 class SpmdPipeline:
@@ -614,8 +622,9 @@ class SpmdPipeline:
         return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
     def _inbox_specs(self) -> tuple:
-        """``ShapeDtypeStruct`` s of one device's inbox: ``(wire, targets, key_data)`` per boundary."""
-        return tuple((w, self.targets_spec, self.key_spec) for w in self.wire_specs)
+        """``ShapeDtypeStruct`` s of one device's inbox: ``(wire, targets, key_data, valid)`` per boundary."""
+        valid = jax.ShapeDtypeStruct((), jnp.bool_)
+        return tuple((w, self.targets_spec, self.key_spec, valid) for w in self.wire_specs)
 
     # -- state in and out ----------------------------------------------------------------------------------
     def init(self, states: Sequence[StageState]) -> SpmdState:
@@ -632,7 +641,6 @@ class SpmdPipeline:
             self._global(np.stack([h[0] for h in host]), sh.floats),
             self._global(np.stack([h[1] for h in host]), sh.ints),
             inbox,
-            self._global(np.zeros((self.k,), bool), sh.valid),
         )
 
     def shardings(self) -> SpmdState:
@@ -645,7 +653,7 @@ class SpmdPipeline:
         def leaf(s):
             return batched if d is not None and len(s.shape) >= 1 and s.shape[0] == self.batch else sh
 
-        return SpmdState(sh, sh, jax.tree.map(leaf, self._inbox_specs()), sh)
+        return SpmdState(sh, sh, jax.tree.map(leaf, self._inbox_specs()))
 
     def unpack(self, state: SpmdState) -> list[StageState]:
         """The per-stage :class:`StageState` s as host numpy (gathered from every process)."""
@@ -653,10 +661,25 @@ class SpmdPipeline:
         return [p.unpack(floats[j], ints[j]) for j, p in enumerate(self.packers)]
 
     def wire_bytes(self) -> list[int]:
-        """Bytes each boundary's ``ppermute`` carries per tick: the wire, its targets and its key data."""
-        from dgl_jax.accounting import nbytes
+        """Accounting: bytes each boundary's ``ppermute`` moves per tick (the wire, its targets, its key data
+        and its valid flag), summed over the data axis: batch-split leaves cross once in all, the others once
+        per data-parallel device."""
 
-        return [nbytes(item) for item in self._inbox_specs()]
+        d = 1 if self.data_axis is None else self.mesh.shape[self.data_axis]
+        split = lambda a: len(a.shape) >= 1 and a.shape[0] == self.batch and d > 1  # noqa: E731
+        return [
+            sum(nbytes(a) if split(a) else d * nbytes(a) for a in jax.tree.leaves(item)) for item in self._inbox_specs()
+        ]
+
+    def measured_wire_bytes(self, state: SpmdState) -> int:
+        """Bytes per tick that the compiled tick's collective-permutes move, read from its optimised HLO: the
+        operand sizes of every ``collective-permute`` times its number of source-target pairs."""
+        rep = NamedSharding(self.mesh, P())
+        spec = lambda t, sh: jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), t)  # noqa: E731
+        state_spec = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+        args = (self.x_spec, self.targets_spec, self.key_spec, jax.ShapeDtypeStruct((), jnp.bool_))
+        hlo = self._tick.lower(state_spec, *(spec(a, rep) for a in args)).compile().as_text()
+        return collective_permute_bytes(hlo)
 
     # -- the tick ------------------------------------------------------------------------------------------
     def _build_tick(self) -> Callable[..., Any]:
@@ -670,7 +693,7 @@ class SpmdPipeline:
             def run(f, i, inbox, x, y, key_data, valid):
                 st = packer.unpack(f, i)
                 if j > 0:
-                    wire, y, key_data = inbox[j - 1]
+                    wire, y, key_data, valid = inbox[j - 1]
                     x = decode_message(self.stages[j - 1], wire)
                 key = stage_key(jax.random.wrap_key_data(key_data), j)
                 new, wire_out, m = stage_step(stage, st, x, y, key)
@@ -678,29 +701,22 @@ class SpmdPipeline:
                 nf, ni = jnp.where(valid, nf, f), jnp.where(valid, ni, i)
                 outbox = list(zeros(inbox_specs))
                 if j < k - 1:
-                    outbox[j] = (wire_out, y, key_data)
-                return nf, ni, tuple(outbox), m["loss"].astype(jnp.float32), m["accuracy"].astype(jnp.float32)
+                    outbox[j] = (wire_out, y, key_data, valid)
+                loss, acc = (jnp.where(valid, m[n].astype(jnp.float32), jnp.nan) for n in ("loss", "accuracy"))
+                return nf, ni, tuple(outbox), loss, acc
 
             return run
 
         branches = [branch(j) for j in range(k)]
 
-        def body(floats, ints, inbox, valid, x, y, key_data, valid_in):
+        def body(floats, ints, inbox, x, y, key_data, valid_in):
             j = jax.lax.axis_index(ax)
             inbox = jax.tree.map(lambda a: a[0], inbox)
-            valid_j = jnp.where(j == 0, valid_in, valid[0])
-            nf, ni, outbox, loss, acc = jax.lax.switch(j, branches, floats[0], ints[0], inbox, x, y, key_data, valid_j)
-            # Boundary b's wire crosses alone, from stage b to stage b+1, in its own dtype.
+            nf, ni, outbox, loss, acc = jax.lax.switch(j, branches, floats[0], ints[0], inbox, x, y, key_data, valid_in)
+            # Boundary b's wire (with its targets, key and valid flag) crosses alone, from stage b to stage b+1,
+            # in its own dtypes: the only collectives of the program.
             received = tuple(jax.lax.ppermute(outbox[b], ax, [(b, b + 1)]) for b in range(k - 1))
-            sent_valid = jax.lax.ppermute(valid_j, ax, [(b, b + 1) for b in range(k - 1)])
-            return (
-                nf[None],
-                ni[None],
-                jax.tree.map(lambda a: a[None], received),
-                sent_valid[None],
-                jnp.where(valid_j, loss, jnp.nan)[None],
-                jnp.where(valid_j, acc, jnp.nan)[None],
-            )
+            return nf[None], ni[None], jax.tree.map(lambda a: a[None], received), loss[None], acc[None]
 
         # Manual over the stage axis only: a data axis stays automatic (XLA splits the work inside a stage).
         stage_spec = self._spec()
@@ -708,15 +724,15 @@ class SpmdPipeline:
         smap = jax.shard_map(
             body,
             mesh=self.mesh,
-            in_specs=(stage_spec, stage_spec, inbox_spec, stage_spec, P(), P(), P(), P()),
-            out_specs=(stage_spec, stage_spec, inbox_spec, stage_spec, stage_spec, stage_spec),
+            in_specs=(stage_spec, stage_spec, inbox_spec, P(), P(), P(), P()),
+            out_specs=(stage_spec, stage_spec, inbox_spec, stage_spec, stage_spec),
             axis_names={ax},
             check_vma=False,
         )
 
         def tick(state, x, y, key_data, valid_in):
             out = smap(*state, x, y, key_data, valid_in)
-            return SpmdState(*out[:4]), {"loss": out[4], "accuracy": out[5]}
+            return SpmdState(*out[:3]), {"loss": out[3], "accuracy": out[4]}
 
         sh = self._stage_sharding()
         out_shardings = (self.shardings(), {"loss": sh, "accuracy": sh})
@@ -734,15 +750,25 @@ class SpmdPipeline:
                 f"batch {jax.tree.leaves(x)[0].shape[0]} differs from the batch {self.batch} the pipeline was built for"
             )
         rep = NamedSharding(self.mesh, P())
-        put = lambda t: jax.tree.map(lambda a: self._global(np.asarray(a), rep), t)  # noqa: E731
+
+        def put(t):  # device arrays move device to device; host data is laid out on every process
+            if jax.process_count() == 1:
+                return jax.device_put(t, rep)
+            return jax.tree.map(lambda a: self._global(np.asarray(a), rep), t)
+
         key_data = jax.random.key_data(jax.random.key(0) if key is None else key)
         return self._tick(state, put(x), put(targets), put(key_data), put(np.asarray(valid, bool)))
 
     def run(
-        self, state: SpmdState, batches: Sequence[tuple[Any, Any]], key: jax.Array | None = None
+        self,
+        state: SpmdState,
+        batches: Sequence[tuple[Any, Any]],
+        key: jax.Array | None = None,
+        *,
+        keys: Sequence[jax.Array] | None = None,
     ) -> tuple[SpmdState, dict[str, np.ndarray]]:
         """Feeds T batches then K-1 drain ticks: the result equals T :func:`~dgl_jax.steps.dgl_step` calls
-        with keys ``fold_in(key, t)`` (default ``key``: ``jax.random.key(0)``).
+        with keys ``fold_in(key, t)`` (default ``key``: ``jax.random.key(0)``), or ``keys[t]`` when given.
 
         Returns the state and host metrics ``[T, K]`` (row t: every stage's loss on batch t)."""
         batches = list(batches)
@@ -753,11 +779,38 @@ class SpmdPipeline:
         ticks = []
         for t in range(len(batches) + self.k - 1):
             x, y = batches[t] if t < len(batches) else zeros
-            state, m = self.tick(state, x, y, t < len(batches), jax.random.fold_in(key, t))
+            k_t = keys[min(t, len(keys) - 1)] if keys is not None else jax.random.fold_in(key, t)
+            state, m = self.tick(state, x, y, t < len(batches), k_t)
             ticks.append(m)
         rows = np.arange(len(batches))[:, None] + np.arange(self.k)[None, :]
         cols = np.broadcast_to(np.arange(self.k), rows.shape)
         return state, {name: np.stack([_gather(m[name]) for m in ticks])[rows, cols] for name in ("loss", "accuracy")}
+
+
+def collective_permute_bytes(hlo: str) -> int:
+    """Bytes moved by the ``collective-permute`` s of an optimised HLO module's text: for each, the size of
+    what it sends (its result shape, per device) times its number of source-target pairs. For the async
+    form (``collective-permute-start``) the first element of its result tuple is what it sends."""
+    total = 0
+    for line in hlo.splitlines():
+        m = _PERMUTE.search(line)
+        if not m:
+            continue
+        types = _ARRAY.findall(m.group(1))
+        if m.group(2):  # -start: (operand, output, ...) -> the operand
+            types = types[:1]
+        pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
+        n_pairs = len(re.findall(r"\{\d+,\d+\}", pairs.group(1))) if pairs else 1
+        total += n_pairs * sum(
+            int(np.prod([int(d) for d in dims.split(",") if d] or [1])) * _HLO_BYTES[dtype] for dtype, dims in types
+        )
+    return total
+
+
+_PERMUTE = re.compile(r"=\s*(.*?)\s+collective-permute(-start)?\(")
+_ARRAY = re.compile(r"\b(pred|[suf]\d+|bf16)\[([\d,]*)\]")
+_HLO_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4}
+_HLO_BYTES.update({"s64": 8, "u64": 8, "f64": 8})
 
 
 def _gather(x: jax.Array) -> np.ndarray:

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dgl_jax.accounting import nbytes
 from dgl_jax.config import DTYPES, LOOPS, TrainConfig, config_from_dict, config_to_dict, validate_config
 from dgl_jax.data import (
     DATASETS,
@@ -42,9 +43,10 @@ from dgl_jax.data import (
     load_dataset,
     load_train_source,
 )
+from dgl_jax.devices import resolve_layout, split_batch
 from dgl_jax.evaluation import eval_all, eval_batch, pad_eval
 from dgl_jax.files import json_ready
-from dgl_jax.input_pipeline import epoch_order, one_step, run_chunk, streamed_step
+from dgl_jax.input_pipeline import batch_at, epoch_order, one_step, run_chunk, streamed_step
 from dgl_jax.methods import METHODS, Method, get_method, register_method
 from dgl_jax.models import get_model
 from dgl_jax.stage import StageState, init_stage_states, make_optimizer, with_codec, with_optimizer
@@ -162,23 +164,39 @@ class Trainer:
         self.num_phases = self.method.num_phases(self.num_stages, config)
         self.total_epochs = self.num_phases * config.epochs
         self.has_head = [s.head is not None for s in self.stages]
+        self.layout = resolve_layout(
+            config.parallel,
+            config.devices,
+            config.stage_groups,
+            config.executor,
+            num_stages=self.num_stages,
+            batch_size=config.batch_size,
+            method=config.method,
+        )
+        # Data parallelism over more than one device: replicated data and states, batches split over 'data'.
+        self._data_parallel = not self.layout.stage_parallel and self.layout.num_devices > 1
+        self._executor = None  # the stage-parallel executor, built on the first chunk
         info = DATASETS.get(config.dataset)
         size = self.data.image_shape[0]
         self.augment = (default_crop_padding(size), bool(info and info.flip)) if config.augment else None
         if self.source is None:  # data on device once; batches are gathered inside jit
-            self.train_images = jnp.asarray(self.data.train_images)
-            self.train_labels = jnp.asarray(self.data.train_labels)
+            self.train_images = self._place(jnp.asarray(self.data.train_images))
+            self.train_labels = self._place(jnp.asarray(self.data.train_labels))
             self._example = self.train_images[:1]
         else:
             self.train_images = self.train_labels = None
             self._example = jnp.asarray(self.source.read(np.arange(1))[0])
         self._stream: tuple[int, int, Iterator] | None = None  # (epoch, next step, batch iterator) of grain
         if self.eval_source is None:
-            self._eval_data = pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
+            self._eval_data = self._place(
+                pad_eval(self.data.test_images, self.data.test_labels, config.eval_batch_size)
+            )
             self.num_test = len(self.data.test_labels)
         else:
             self._eval_data, self.num_test = None, len(self.eval_source)
         self._chunk_fns: dict[tuple[int, bool], Callable] = {}
+        self._batch_fn = None
+        self.wire_bytes: dict[str, int] | None = None  # stage-parallel: bytes per step between stage groups
         self._eval_fn = jax.jit(functools.partial(eval_all, self.stages))
         self._eval_batch_fn = jax.jit(functools.partial(eval_batch, self.stages))
         self._phase = None
@@ -206,7 +224,7 @@ class Trainer:
             example = self.example_batch
             states = init_stage_states(self.stages, jax.random.fold_in(key, 0), example)
             extra = self.method.init_extra(self.stages, states, self.config, jax.random.fold_in(key, 3), example)
-            self._initial = RunState(states, extra, key, 0, 0)
+            self._initial = RunState(self._place(states), self._place(extra), key, 0, 0)
         return self._initial
 
     def describe(self) -> str:
@@ -226,8 +244,12 @@ class Trainer:
         (``loop='dispatch'``; faster on XLA:CPU, where convolutions inside a loop run slower). With the
         grain loader ``images`` is the epoch's batch iterator (see :meth:`_batches`) and ``labels``/``perm``
         are unused: one dispatch per step on the batches it yields."""
+        if self.layout.stage_parallel:
+            return self._pipeline_chunk
         if (phase, features) not in self._chunk_fns:
             step = self.method.make_step(self.stages, self.config, phase, features)
+            if self._data_parallel:
+                step = split_batch(step, self.layout.batch())
             static = (self.config.batch_size, self.steps_per_epoch, self.augment)
             if self.source is not None:
                 one = jax.jit(functools.partial(streamed_step, step, self.augment))
@@ -257,6 +279,58 @@ class Trainer:
 
                 self._chunk_fns[phase, features] = run
         return self._chunk_fns[phase, features]
+
+    def _place(self, tree: PyTree) -> PyTree:
+        """``tree`` replicated over the data-parallel devices (unchanged on one device or stage-parallel)."""
+        return jax.device_put(tree, self.layout.replicated()) if self._data_parallel else tree
+
+    def _pipeline_chunk(self, states, extra, images, labels, perm, step_base, start):
+        """Stage-parallel chunk: the chunk's batches (and their step keys, as every loop derives them) through
+        the stage pipeline (:class:`~dgl_jax.parallel.SpmdPipeline` or :class:`~dgl_jax.parallel.PipelinedDGL`),
+        filled and drained within the chunk, so it equals the same steps of ``dgl_step``. Logs the bytes per
+        step crossing the boundaries, measured (collective-permutes of the compiled SPMD program, or the
+        ``nbytes`` of the arrays the threads moved) next to the accounting."""
+        from dgl_jax.parallel import PipelinedDGL, Placement, SpmdPipeline
+
+        steps = range(start, min(start + self.chunk_steps, self.steps_per_epoch))
+        if self._batch_fn is None:
+            b, spe = self.config.batch_size, self.steps_per_epoch
+            self._batch_fn = jax.jit(lambda *a: batch_at(*a, b, spe, self.augment))
+        items = [self._batch_fn(images, labels, perm, step_base, jnp.int32(s)) for s in steps]
+        batches, keys = [(x, y) for x, y, _ in items], [k for _, _, k in items]
+        lay, x0, y0 = self.layout, items[0][0], items[0][1]
+        if self._executor is None and lay.executor == "spmd":
+            self._executor = SpmdPipeline(self.stages, lay.mesh(), states, x0, y0, data_axis="data")
+            probe = self._executor.init(states)
+            self.wire_bytes = {
+                "accounted": int(sum(self._executor.wire_bytes())),
+                "measured": self._executor.measured_wire_bytes(probe),
+            }
+        elif self._executor is None:
+            groups = np.array(lay.devices).reshape(lay.stage_groups, lay.data)
+            self._executor = PipelinedDGL(self.stages, Placement(tuple(tuple(g) for g in groups)))
+        if lay.executor == "spmd":
+            st, m = self._executor.run(self._executor.init(states), batches, keys=keys)
+            states = self._executor.unpack(st)
+        else:
+            placed = self._executor.place(states)
+            self._executor.compile(placed, x0, y0)
+            final, m = self._executor.run(placed, batches, keys=keys)
+            states = list(jax.device_get(final))
+            accounted = int(sum(nbytes(w) for w in self._wire_items(states, x0, y0)))
+            self.wire_bytes = {"accounted": accounted, "measured": int(sum(self._executor.bytes_sent)) // len(batches)}
+        metrics = {name: jnp.asarray(m[name]) for name in ("loss", "accuracy")}
+        steps_n = len(batches)
+        metrics["wire_bytes_measured"] = jnp.full((steps_n,), self.wire_bytes["measured"], jnp.float32)
+        metrics["wire_bytes_accounted"] = jnp.full((steps_n,), self.wire_bytes["accounted"], jnp.float32)
+        return states, extra, metrics
+
+    def _wire_items(self, states, x, y) -> list[PyTree]:
+        """Shapes of what each boundary moves per step with the threads executor: the wire and the targets."""
+        from dgl_jax.stage import message_specs, wire_spec
+
+        msgs = message_specs(self.stages, states, x)
+        return [(wire_spec(s, st.codec, m), y) for s, st, m in zip(self.stages[:-1], states[:-1], msgs, strict=True)]
 
     def _batches(self, perm: jax.Array, start: int) -> Iterator[tuple[jax.Array, jax.Array]]:
         """grain pipeline over the epoch's batches ``start..steps_per_epoch-1``: batch ``s`` is examples

@@ -8,6 +8,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+jax.devices()  # the backend starts here with 4 fake devices; subprocesses (the CLI tests) start with the machine's
+os.environ["XLA_FLAGS"] = os.environ["XLA_FLAGS"].replace("--xla_force_host_platform_device_count=4", "").strip()
+
 from dgl_jax.data import Dataset, load_digits  # noqa: E402
 
 
