@@ -30,7 +30,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgl_jax import (
-    accounting,
     backprop_step,
     codecs,
     drop_aux_heads,
@@ -38,15 +37,13 @@ from dgl_jax import (
     init_stage_states,
     make_optimizer,
     message_specs,
-    with_codec,
     with_optimizer,
 )
 from dgl_jax import vq_train as vt
-from dgl_jax.asynchronous import AsyncConfig, init_async
 from dgl_jax.data import load_digits, load_fashion_mnist
 from dgl_jax.files import save_figure, write_atomic
 from dgl_jax.models import cifar_cnn
-from dgl_jax.stage import wire_spec
+from dgl_jax.sweep import measure_bytes
 
 DEFAULT_CONFIGS = "16:16,64:16,256:16,256:8,16:4"
 
@@ -58,29 +55,6 @@ def parse_configs(text: str) -> list[tuple[int, int]]:
         k, d = item.split(":")
         out.append((int(k), int(d)))
     return out
-
-
-def measure_bytes(stages, boundary_codecs, key, x, y, buffer_batches: int) -> dict:
-    """Per-step traffic and replay-buffer memory (summed over the boundaries) of ``stages`` with
-    ``boundary_codecs`` (one codec or ``None`` per boundary), from :mod:`dgl_jax.accounting`: the nbytes of
-    the wires each step sends and of async-DGL buffers of ``buffer_batches`` items ``(wire, labels)``.
-    Everything is abstract (``jax.eval_shape``): nothing is allocated or computed."""
-    coded = with_codec(stages, boundary_codecs)
-    states = jax.eval_shape(lambda: init_stage_states(coded, key, x))
-    traffic = accounting.boundary_traffic(coded, states, x)
-    messages = message_specs(coded, states, x)
-    wires = [wire_spec(s, st.codec, m) for s, st, m in zip(coded[:-1], states[:-1], messages, strict=True)]
-    book = sum(accounting.nbytes(w.codebook) for w in wires if isinstance(w, codecs.VQWire))
-    bufs = jax.eval_shape(lambda: init_async(coded, states, x, y, AsyncConfig(capacity=buffer_batches), key).buffers)
-    memory = accounting.buffer_memory(coded, bufs)
-    return {
-        "codecs": [t["codec"] for t in traffic],
-        "wire_bytes": sum(t["wire_bytes"] for t in traffic),
-        "codebook_bytes": book,
-        "float32_bytes": sum(t["float32_bytes"] for t in traffic),
-        "buffer_bytes": sum(m["stored_bytes"] for m in memory),
-        "buffer_bytes_fp32": sum(m["float32_bytes"] for m in memory),
-    }
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -88,3 +88,12 @@ def test_winograd_accuracy_benchmark_tiny(tmp_path):
     assert set(saved["runs"]) == {"dgl_jax", "direct"} and saved["seeds"] == [0]
     assert len(saved["winograd_minus_direct_points"][0]) == saved["runs"]["direct"][0]["num_stages"]
     assert all(0 <= a <= 100 for a in saved["final_test_accuracy_points"]["dgl_jax"][0])
+
+
+def test_accelerator_benchmark_tiny(tmp_path):
+    out = tmp_path / "accelerator.json"
+    load("accelerator").main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    cells = saved["cells"]
+    assert "cnn4/one_device/dgl/float32" in cells and all(c["images_per_s"] > 0 for c in cells.values())
+    assert saved["git_sha"] and saved["machine"]["platform"] == "cpu"

@@ -46,3 +46,14 @@ def test_unknown_run_label_is_an_error(capsys):
         paper_tables.main(["num_stages", "--tiny", "--runs", "K=9"])
     assert e.value.code == 2
     assert "unknown runs ['K=9']" in capsys.readouterr().err
+
+
+def test_devices_accuracy_tiny(tmp_path):
+    spec = importlib.util.spec_from_file_location("devices_accuracy", ROOT / "experiments" / "devices_accuracy.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    result = mod.main(["--tiny", "--out", str(tmp_path / "dev")])
+    one, spmd = result["cells"]["1 device/0"], result["cells"]["stages x3 (spmd)/0"]
+    assert one["test_accuracy"] == spmd["test_accuracy"]  # stage-parallel gives the one-device run exactly
+    assert spmd["wire_bytes_measured"] == spmd["wire_bytes_accounted"] > 0
+    assert "stages x3" in (tmp_path / "dev.md").read_text()

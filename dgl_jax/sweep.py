@@ -1,0 +1,747 @@
+"""``python -m dgl_jax sweep``: a jitted VQ ablation (unquantized DGL and boundary codecs, over seeds) in a folder.
+
+    python -m dgl_jax sweep --codecs vq-packed:16:4,vq-packed:64:16 --seeds 0,1,2 [train options] --out DIR
+
+For each seed, the unquantized DGL baseline and every codec (applied to every stage boundary) are trained
+from the same initial weights on the same batches; codecs with the same group layout (code dim ``d`` or
+groups ``G``) form one *group*, trained by one compiled program (:func:`dgl_jax.vq_train.make_sweep`: one
+``vmap`` over members padded to the group's largest codebook, or one call per member inside the same
+program, ``--mode``). A *cell* is one group x one seed. Run folder::
+
+    sweep.json   git sha, command, seeds, codecs, config, machine and versions, bytes per codec, every
+                 finished cell (written as soon as it finishes), the summary and best_ratio_at_1pt
+    sweep.md     per codec: bytes per step, ratio vs float32, replay-buffer bytes, per-head accuracy
+                 mean +- std over seeds, last-head loss vs the baseline, empirical entropy of the codes
+    frontier.png traffic reduction (log x) vs last-head accuracy loss (y), one point per codec
+
+Bytes are the ``nbytes`` of the wires a deployed boundary sends (:mod:`dgl_jax.accounting` on the stages
+carrying the codec: packed codes plus the float32 codebook on every send), never ideal bit counts; the
+entropy column is a separate figure: what entropy coding of the codes could reach.
+
+Re-running the same command skips the finished cells; a different config or codec list in an existing folder
+is refused. Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells stay, exit 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+EXIT_BAD_INPUT = 2
+EXIT_DIVERGED = 3
+EXIT_INTERRUPTED = 130
+BASELINE = "float32"  # the member name of the unquantized DGL baseline
+MODES = ("auto", "vmap", "loop")
+_VQ_NAME = re.compile(r"(vq|vq-packed):(\d+):(g?)(\d+)")
+
+
+class SweepError(ValueError):
+    """Bad input to the sweep: reported as one line on stderr, exit code 2."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------------
+def _int_list(text: str) -> int | tuple[int, ...]:
+    try:
+        parts = [int(p) for p in text.split(",") if p.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma-separated list of integers") from None
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r} is empty")
+    return parts[0] if len(parts) == 1 and "," not in text else tuple(parts)
+
+
+def _decay(text: str) -> int | tuple[int, ...] | None:
+    return None if text.lower() in ("none", "off", "constant") else _int_list(text)
+
+
+def _option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    k, v = text.split("=", 1)
+    try:
+        return k, json.loads(v)
+    except json.JSONDecodeError:
+        return k, v
+
+
+# TrainConfig fields a sweep takes from the command line: (flag, field, type, help)
+TRAIN_FLAGS = [
+    ("--model", "model", str, "model zoo name (default small_cnn)"),
+    ("--split", "split", _int_list, "K stages or units per stage, e.g. 2,1"),
+    ("--head", "head", str, "auxiliary head: mlp_sr, mlp, cnn, linear, gap_linear"),
+    ("--dataset", "dataset", str, "digits (default), fashion_mnist, mnist, cifar10, ..."),
+    ("--data-dir", "data_dir", str, "folder with the data"),
+    ("--validation", "validation", float, "hold out this fraction of train as the evaluation split"),
+    ("--epochs", "epochs", int, "epochs"),
+    ("--batch-size", "batch_size", int, "training batch size"),
+    ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
+    ("--optimizer", "optimizer", str, "sgd or adam"),
+    ("--lr", "lr", float, "learning rate"),
+    ("--momentum", "momentum", float, "SGD momentum"),
+    ("--weight-decay", "weight_decay", float, "coupled weight decay"),
+    ("--decay-epochs", "decay_epochs", _decay, "LR step schedule: every N epochs, at E1,E2,..., or none"),
+    ("--decay-factor", "decay_factor", float, "LR multiplier at each decay"),
+    ("--dtype", "dtype", str, "compute dtype: float32, bfloat16, float16"),
+]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags of the ``sweep`` command on ``p``."""
+    p.add_argument("--codecs", required=True, help="comma-separated codec specs: vq:K:d, vq-packed:K:d, ...:gG")
+    p.add_argument("--seeds", default="0", help="comma-separated distinct seeds (default 0)")
+    p.add_argument("--out", required=True, help="run folder (re-run the same command there to resume)")
+    for flag, field, typ, text in TRAIN_FLAGS:
+        p.add_argument(flag, dest=field, type=typ, default=None, help=text)
+    p.add_argument(
+        "--model-option", dest="model_options", type=_option, action="append", default=[], metavar="KEY=VALUE"
+    )
+    p.add_argument("--train-subset", type=int, default=0, help="train on the first N training examples (0: all)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each cell after this many steps (0: all epochs)")
+    p.add_argument("--mode", default="auto", choices=MODES, help="group members: vmap, loop (auto: loop on CPU)")
+
+
+def build_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Adds the ``sweep`` subparser to an argparse ``subparsers`` object and returns it."""
+    p = subparsers.add_parser("sweep", help="jitted VQ ablation: DGL baseline + codecs x seeds into a run folder")
+    add_arguments(p)
+    p.set_defaults(func=run_sweep)
+    return p
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; ``SweepError`` on an empty list, a non-integer or a repeated seed."""
+    items = [s.strip() for s in str(text).split(",")]
+    if not items or any(not re.fullmatch(r"\d+", s) for s in items):
+        raise SweepError(f"--seeds {text!r}: expected distinct non-negative integers, e.g. 0,1,2")
+    seeds = [int(s) for s in items]
+    repeated = sorted({s for s in seeds if seeds.count(s) > 1})
+    if repeated:
+        raise SweepError(f"--seeds {text!r}: seed {repeated[0]} is repeated; expected distinct seeds")
+    return seeds
+
+
+def parse_codecs(text: str) -> list[str]:
+    """Canonical names of the comma-separated VQ codec specs in ``text`` (``parse_codec``'s error on a bad
+    one); ``SweepError`` on an empty list, a non-VQ codec or a repeated codec."""
+    from dgl_jax.codecs import parse_codec
+
+    items = [s.strip() for s in str(text).split(",") if s.strip()]
+    if not items:
+        raise SweepError("--codecs is empty; expected comma-separated specs such as vq-packed:16:4,vq-packed:64:16")
+    names = []
+    for spec in items:
+        try:
+            name = parse_codec(spec).name
+        except ValueError as e:
+            raise SweepError(str(e).splitlines()[0]) from None
+        if not _VQ_NAME.fullmatch(name):
+            raise SweepError(f"--codecs: {spec!r} is not a VQ codec; a sweep compares vq:K:d / vq-packed:K:d codecs")
+        if name in names:
+            raise SweepError(f"--codecs: {name} is repeated; expected distinct codecs")
+        names.append(name)
+    return names
+
+
+def vq_config(name: str) -> tuple[Any, bool]:
+    """``(VQConfig, packed)`` of a canonical VQ codec name (``vq-packed:16:4``, ``vq:256:g8``)."""
+    from dgl_jax.vq_train import VQConfig
+
+    m = _VQ_NAME.fullmatch(name)
+    if m is None:
+        raise SweepError(f"{name!r} is not a VQ codec name")
+    k, v = int(m.group(2)), int(m.group(4))
+    cfg = VQConfig(num_codes=k, groups=v, code_dim=None) if m.group(3) else VQConfig(num_codes=k, code_dim=v)
+    return cfg, m.group(1) == "vq-packed"
+
+
+def group_of(name: str) -> str:
+    """The group (compiled program) of a codec: its layout, ``d4`` or ``g2``; the baseline's is ``float32``."""
+    if name == BASELINE:
+        return BASELINE
+    cfg, _ = vq_config(name)
+    return f"d{cfg.code_dim}" if cfg.code_dim is not None else f"g{cfg.groups}"
+
+
+def group_codecs(names: Sequence[str]) -> dict[str, list[str]]:
+    """``{group: [member names]}``: the baseline first, then the codec groups in order of appearance."""
+    out: dict[str, list[str]] = {BASELINE: [BASELINE]}
+    for n in names:
+        out.setdefault(group_of(n), []).append(n)
+    return out
+
+
+def train_config(args: argparse.Namespace) -> Any:
+    """The validated :class:`~dgl_jax.config.TrainConfig` (method dgl) of the train options."""
+    from dgl_jax.config import TrainConfig, validate_config
+
+    explicit = {field: getattr(args, field) for _, field, _, _ in TRAIN_FLAGS if getattr(args, field) is not None}
+    if args.model_options:
+        explicit["model_options"] = dict(args.model_options)
+    try:
+        config = TrainConfig(method="dgl", **explicit)
+        validate_config(config)
+    except (ValueError, TypeError) as e:
+        raise SweepError(str(e).splitlines()[0]) from None
+    return config
+
+
+def sweep_config(config: Any, args: argparse.Namespace) -> dict:
+    """What identifies a sweep's results (besides the codecs): the train config and the sweep's own budget
+    options, JSON-normalised so that it compares equal to what ``sweep.json`` holds."""
+    from dgl_jax.config import config_to_dict
+
+    if args.train_subset < 0 or args.max_steps < 0:
+        raise SweepError("--train-subset and --max-steps must be integers >= 0 (0: all)")
+    d = {**config_to_dict(config), "train_subset": args.train_subset, "max_steps": args.max_steps}
+    for k in ("seed", "codec", "devices", "parallel", "stage_groups", "executor", "method_options"):
+        d.pop(k, None)  # not used by a sweep
+    return json.loads(json.dumps(d))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model, data and bytes
+# ----------------------------------------------------------------------------------------------------------
+def build_stages(config: Any, num_classes: int, steps_per_epoch: int) -> list:
+    """The model's stages with the config's optimizer (as :class:`dgl_jax.trainer.Trainer` builds them)."""
+    from dgl_jax.config import DTYPES
+    from dgl_jax.models import get_model
+    from dgl_jax.stage import make_optimizer, with_optimizer
+
+    kwargs = {"num_classes": num_classes, "dtype": DTYPES[config.dtype]}
+    if config.split is not None:
+        kwargs["split"] = config.split
+    if config.head is not None:
+        kwargs["head"] = config.head
+    try:
+        stages = get_model(config.model, **kwargs, **config.model_options)
+    except (ValueError, TypeError) as e:
+        raise SweepError(str(e).splitlines()[0]) from None
+    if len(stages) < 2:
+        raise SweepError(f"model {config.model!r} has {len(stages)} stage: a sweep needs >= 2 stages (--split)")
+    tx = functools.partial(
+        make_optimizer,
+        config.optimizer,
+        config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        steps_per_epoch=steps_per_epoch,
+        decay_epochs=config.decay_epochs,
+        decay_factor=config.decay_factor,
+    )
+    return with_optimizer(stages, lambda j: tx())
+
+
+def boundary_shapes(stages: Sequence[Any], example: Any) -> list[tuple[int, ...]]:
+    """Shapes of the float messages ``[batch, ..., C]`` at every boundary (abstract: nothing is computed)."""
+    import jax
+
+    from dgl_jax.stage import init_stage_states, message_specs
+
+    states = jax.eval_shape(lambda: init_stage_states(stages, jax.random.key(0), example))
+    return [tuple(m.shape) for m in message_specs(stages, states, example)]
+
+
+def check_codecs(names: Sequence[str], shapes: Sequence[tuple[int, ...]]) -> None:
+    """``SweepError`` naming the codec and boundary where a code dim (or group count) does not divide the
+    channels, or where one batch has fewer vectors than codes to seed."""
+    for name in names:
+        cfg, _ = vq_config(name)
+        for j, shape in enumerate(shapes):
+            c, what = shape[-1], (f"code dim {cfg.code_dim}" if cfg.code_dim is not None else f"{cfg.groups} groups")
+            if c % (cfg.code_dim or cfg.groups):
+                raise SweepError(
+                    f"codec {name}: {what} does not divide the {c} channels of boundary {j} -> {j + 1} "
+                    f"(message {list(shape)})"
+                )
+            if math.prod(shape[:-1]) < cfg.num_codes:
+                raise SweepError(
+                    f"codec {name}: boundary {j} -> {j + 1} (message {list(shape)}) has {math.prod(shape[:-1])} "
+                    f"vectors per batch, fewer than the {cfg.num_codes} codes to seed; use a larger --batch-size"
+                )
+
+
+def measure_bytes(stages, boundary_codecs, key, x, y, buffer_batches: int) -> dict:
+    """Per-step traffic and replay-buffer memory (summed over the boundaries) of ``stages`` with
+    ``boundary_codecs`` (one codec or ``None`` per boundary, or one for all), from :mod:`dgl_jax.accounting`:
+    the nbytes of the wires each step sends and of async-DGL buffers of ``buffer_batches`` items ``(wire,
+    labels)``. Everything is abstract (``jax.eval_shape``): nothing is allocated or computed."""
+    import jax
+
+    from dgl_jax import accounting, codecs
+    from dgl_jax.asynchronous import AsyncConfig, init_async
+    from dgl_jax.stage import init_stage_states, message_specs, wire_spec, with_codec
+
+    coded = with_codec(stages, boundary_codecs)
+    states = jax.eval_shape(lambda: init_stage_states(coded, key, x))
+    traffic = accounting.boundary_traffic(coded, states, x)
+    messages = message_specs(coded, states, x)
+    wires = [wire_spec(s, st.codec, m) for s, st, m in zip(coded[:-1], states[:-1], messages, strict=True)]
+    book = sum(accounting.nbytes(w.codebook) for w in wires if isinstance(w, codecs.VQWire))
+    bufs = jax.eval_shape(lambda: init_async(coded, states, x, y, AsyncConfig(capacity=buffer_batches), key).buffers)
+    memory = accounting.buffer_memory(coded, bufs)
+    return {
+        "codecs": [t["codec"] for t in traffic],
+        "wire_bytes": sum(t["wire_bytes"] for t in traffic),
+        "codebook_bytes": book,
+        "float32_bytes": sum(t["float32_bytes"] for t in traffic),
+        "buffer_bytes": sum(m["stored_bytes"] for m in memory),
+        "buffer_bytes_fp32": sum(m["float32_bytes"] for m in memory),
+    }
+
+
+def codec_bytes(stages: Sequence[Any], names: Sequence[str], x: Any, y: Any) -> dict[str, dict]:
+    """Per codec name (and the baseline): :func:`measure_bytes` with a replay buffer of one batch, plus
+    ``ratio``: float32 bytes over the real wire bytes."""
+    import jax
+
+    from dgl_jax.codecs import parse_codec
+
+    out = {}
+    for name in [BASELINE, *names]:
+        codec = None if name == BASELINE else parse_codec(name)
+        b = measure_bytes(stages, codec, jax.random.key(0), x, y, 1)
+        out[name] = {**b, "ratio": b["float32_bytes"] / b["wire_bytes"]}
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One cell: a group of configurations x one seed
+# ----------------------------------------------------------------------------------------------------------
+def code_entropy(hist: np.ndarray) -> float:
+    """Mean over groups of the empirical entropy (bits) of code histograms ``[G, K]``."""
+    h = np.asarray(hist, np.float64)
+    p = h / np.maximum(h.sum(-1, keepdims=True), 1)
+    return float(np.mean(-np.sum(np.where(p > 0, p * np.log2(np.where(p > 0, p, 1)), 0.0), -1)))
+
+
+def _histograms(stages, plan, states, x, mask):
+    """Per quantized boundary, ``[G, K]`` counts of the codes (receiver's codebook, eval mode) of ``x``."""
+    import jax
+    import jax.numpy as jnp
+
+    from dgl_jax import vq
+    from dgl_jax.objective import stage_apply
+
+    out = []
+    for stage, st, cfg in zip(stages[:-1], states[:-1], plan, strict=True):
+        x = stage_apply(stage, st.params, st.model_state, x, train=False).features
+        if cfg is None:
+            out.append(None)
+            continue
+        b = st.codec
+        codes = vq.encode(b.sender._replace(codebook=b.receiver), x)
+        g, k = b.receiver.shape[0], b.receiver.shape[1]
+        onehot = jax.nn.one_hot(codes.reshape(codes.shape[0], -1, g), k, dtype=jnp.int32)
+        out.append(jnp.sum(onehot * mask[:, None, None, None].astype(jnp.int32), axis=(0, 1)))
+        x = vq.decode(b.receiver, codes)
+    return out
+
+
+class Group:
+    """The compiled pieces of one group: its :class:`~dgl_jax.vq_train.Sweep`, jitted step, evaluation and
+    code histograms (compiled on first use, shared by every seed); ``init_states(key, x)``: the jitted
+    initial stage states (shared by every group: one compilation)."""
+
+    def __init__(self, stages: Sequence[Any], members: Sequence[str], mode: str, init_states: Any):
+        import jax
+
+        from dgl_jax import vq_train as vt
+
+        self.members = list(members)
+        self.plans = [None if n == BASELINE else vq_config(n)[0] for n in members]
+        self.sweep = vt.make_sweep(stages, self.plans, mode=mode)
+        self.stages = list(stages)
+        self.init_states = init_states
+        self.step = jax.jit(self.sweep.step, donate_argnums=0)
+        self.evaluate = jax.jit(self.sweep.evaluate)
+        plans = self.sweep.plans
+        self.hist = [
+            None if plans[i][0] is None else jax.jit(functools.partial(_histograms, tuple(stages), plans[i]))
+            for i in range(len(plans))
+        ]
+
+
+def _batches(n: int, batch_size: int, seed: int, epochs: int, max_steps: int):
+    """``(step, indices)`` of every training batch: a permutation per ``(seed, epoch)``, last partial batch
+    dropped; at most ``max_steps`` (0: all)."""
+    per_epoch, step = n // batch_size, 0
+    for epoch in range(epochs):
+        perm = np.random.default_rng((seed, epoch)).permutation(n)
+        for b in range(per_epoch):
+            if max_steps and step >= max_steps:
+                return
+            yield step, perm[b * batch_size : (b + 1) * batch_size]
+            step += 1
+
+
+def run_cell(group: Group, data: Any, config: Any, seed: int, max_steps: int) -> dict:
+    """Trains every member of ``group`` from seed ``seed`` (same initial weights and batches for all) and
+    evaluates it on the test split: per member the per-head test accuracy (%), the last step's training
+    loss per head and the code entropy (bits/code, ``None`` for the baseline)."""
+    import jax
+    import jax.numpy as jnp
+
+    from dgl_jax import vq_train as vt
+
+    t0 = time.perf_counter()
+    images, labels = data.train_images, data.train_labels
+    bs = config.batch_size
+    key = jax.random.key(seed)
+    first = next(_batches(len(labels), bs, seed, 1, 1))[1]
+    x0 = jnp.asarray(images[first])
+    states0 = group.init_states(jax.random.fold_in(key, 0), x0)
+    carry = group.sweep.init(states0, jax.random.fold_in(key, 1), x0)
+    step_key, metrics, steps = jax.random.fold_in(key, 2), None, 0
+    for step, idx in _batches(len(labels), bs, seed, config.epochs, max_steps):
+        x, y = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+        carry, metrics = group.step(carry, x, y, jax.random.fold_in(step_key, step))
+        steps += 1
+    vt.check_metrics(jax.tree.map(lambda *a: jnp.stack(a), *metrics))
+
+    n_test, eb = len(data.test_labels), config.eval_batch_size
+    pad = -n_test % eb
+    xte = np.concatenate([data.test_images, np.zeros((pad, *data.test_images.shape[1:]), np.float32)])
+    yte = np.concatenate([data.test_labels, np.full(pad, -1, data.test_labels.dtype)])  # -1: never correct
+    valid = np.arange(len(yte)) < n_test
+    correct, hists = 0, [None] * len(group.members)
+    for i in range(0, len(yte), eb):
+        xb, yb, mb = jnp.asarray(xte[i : i + eb]), jnp.asarray(yte[i : i + eb]), jnp.asarray(valid[i : i + eb])
+        correct = correct + group.evaluate(carry, xb, yb)
+        for m, fn in enumerate(group.hist):
+            if fn is not None:
+                h = fn(group.sweep.select(carry, m), xb, mb)
+                hists[m] = h if hists[m] is None else [a + b for a, b in zip(hists[m], h, strict=True)]
+    acc = np.asarray(correct) / n_test * 100
+    members = {}
+    for m, name in enumerate(group.members):
+        entropy = None
+        if hists[m] is not None:
+            per_boundary = [code_entropy(h) for h in hists[m]]
+            counts = [int(np.asarray(h).sum()) for h in hists[m]]
+            entropy = {"bits_per_code": float(np.dot(per_boundary, counts) / sum(counts)), "boundaries": per_boundary}
+        members[name] = {
+            "acc_heads": [float(a) for a in acc[m]],
+            "train_loss_last": [float(v) for v in np.asarray(metrics[m]["loss"])],
+            "entropy": entropy,
+        }
+    return {"seed": seed, "steps": steps, "seconds": time.perf_counter() - t0, "members": members}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Summary and reports
+# ----------------------------------------------------------------------------------------------------------
+def cell_id(group: str, seed: int) -> str:
+    return f"{group}/seed{seed}"
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    a = np.asarray(values, np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+
+
+def summarize(result: dict) -> list[dict]:
+    """One row per member (the baseline first): bytes, ratio, buffer bytes, per-head accuracy mean/std over
+    the finished seeds, last-head accuracy loss vs the baseline (points, paired by seed) and the entropy."""
+    rows = []
+    seeds, cells = result["seeds"], result["cells"]
+    base = {s: cells[cell_id(BASELINE, s)]["members"][BASELINE] for s in seeds if cell_id(BASELINE, s) in cells}
+    for name in [BASELINE, *result["codecs"]]:
+        runs = {
+            s: cells[cell_id(group_of(name), s)]["members"][name] for s in seeds if cell_id(group_of(name), s) in cells
+        }
+        b = result["bytes"][name]
+        heads = list(zip(*[r["acc_heads"] for r in runs.values()], strict=True)) if runs else []
+        losses = [base[s]["acc_heads"][-1] - r["acc_heads"][-1] for s, r in runs.items() if s in base]
+        ent = [r["entropy"]["bits_per_code"] for r in runs.values() if r["entropy"] is not None]
+        rows.append(
+            {
+                "codec": name,
+                "seeds_done": sorted(runs),
+                "wire_bytes": b["wire_bytes"],
+                "codebook_bytes": b["codebook_bytes"],
+                "ratio": b["ratio"],
+                "buffer_bytes": b["buffer_bytes"],
+                "acc_heads_mean": [_mean_std(h)[0] for h in heads],
+                "acc_heads_std": [_mean_std(h)[1] for h in heads],
+                "loss_last_mean": _mean_std(losses)[0],
+                "loss_last_std": _mean_std(losses)[1],
+                "entropy_bits_mean": _mean_std(ent)[0],
+            }
+        )
+    return rows
+
+
+def best_ratio_at_1pt(rows: Sequence[dict]) -> float | None:
+    """The largest real-bytes traffic reduction among codecs whose mean last-head loss is <= 1.0 point."""
+    done = [r for r in rows if r["codec"] != BASELINE and r["loss_last_mean"] is not None]
+    ok = [r["ratio"] for r in done if r["loss_last_mean"] <= 1.0]
+    return max(ok) if ok else None
+
+
+def markdown(result: dict) -> str:
+    """``sweep.md``: the command and the per-codec table."""
+    c = result["config"]
+    pm = lambda m, s: "" if m is None else f"{m:.2f} ± {s:.2f}"  # noqa: E731
+    lines = [
+        f"# VQ sweep: {c['model']} on {c['dataset']}, seeds {result['seeds']}",
+        "",
+        f"Command: `{result['command']}`  ",
+        f"git {str(result['git_sha'])[:12]}; boundaries {result['boundary_shapes']} (batch first); "
+        f"best traffic reduction at <= 1 point of last-head loss: "
+        + (f"{result['best_ratio_at_1pt']:.1f}x" if result["best_ratio_at_1pt"] else "none"),
+        "",
+        "| codec | bytes/step (codebook) | vs float32 | buffer bytes (1 batch) | accuracy per head (mean ± std) "
+        "| last-head loss vs float32 (points) | entropy bits/code (achievable with entropy coding) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in result["summary"]:
+        heads = " / ".join(pm(m, s) for m, s in zip(r["acc_heads_mean"], r["acc_heads_std"], strict=True))
+        ent = "" if r["entropy_bits_mean"] is None else f"{r['entropy_bits_mean']:.2f}"
+        lines.append(
+            f"| {r['codec']} | {r['wire_bytes']} ({r['codebook_bytes']}) | {r['ratio']:.1f}x | {r['buffer_bytes']} "
+            f"| {heads} | {pm(r['loss_last_mean'], r['loss_last_std'])} | {ent} |"
+        )
+    lines += [
+        "",
+        "Bytes/step: the nbytes of the wires sent per training step over all boundaries (dgl_jax.accounting; "
+        "packed codes plus the float32 codebook sent with every wire, in brackets). Buffer bytes: one "
+        "replay-buffer item (wire and labels) per boundary. Loss: baseline minus codec test accuracy of the "
+        "last head, paired by seed. Entropy: empirical entropy of the test-set code histogram per group, an "
+        "estimate of what entropy coding could reach, not bytes sent.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: Path) -> None:
+    """``frontier.png``: traffic reduction (log x) vs last-head accuracy loss (y), one point per codec."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dgl_jax.files import save_figure
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in result["summary"]:
+        if r["codec"] == BASELINE or r["loss_last_mean"] is None:
+            continue
+        ax.errorbar(r["ratio"], r["loss_last_mean"], yerr=r["loss_last_std"], fmt="o", capsize=3)
+        ax.annotate(
+            r["codec"], (r["ratio"], r["loss_last_mean"]), fontsize=7, xytext=(4, 4), textcoords="offset points"
+        )
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.axhline(1.0, color="r", ls="--", lw=0.8, label="1 point")
+    ax.set_xscale("log")
+    ax.set_xlabel("traffic reduction vs float32 (real bytes per step)")
+    ax.set_ylabel("last-head accuracy loss vs float32 DGL (points)")
+    ax.set_title(f"{result['config']['dataset']}: VQ between DGL stages, seeds {result['seeds']}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path, dpi=120)
+    plt.close(fig)
+
+
+def git_sha() -> str | None:
+    """``git rev-parse HEAD`` of the working directory, or ``None`` outside a git checkout."""
+    try:
+        root = Path(__file__).resolve().parents[1]
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=root
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def machine() -> dict:
+    """Platform, CPU count, JAX backend and devices, package versions."""
+    import jax
+
+    return {
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "jax_backend": jax.default_backend(),
+        "devices": [str(d) for d in jax.devices()],
+        "versions": {"python": sys.version.split()[0], "jax": jax.__version__, "numpy": np.__version__},
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The command
+# ----------------------------------------------------------------------------------------------------------
+def _load_existing(path: Path, config: dict, names: list[str]) -> dict | None:
+    """The finished cells of ``path`` (``None`` if absent); ``SweepError`` if it holds another sweep."""
+    if not path.is_file():
+        return None
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise SweepError(f"{path}: unreadable ({e}); use another --out") from None
+    diff = [k for k in sorted(set(config) | set(old.get("config", {}))) if config.get(k) != old["config"].get(k)]
+    if old.get("codecs") != names:
+        diff.append("codecs")
+    if diff:
+        raise SweepError(
+            f"{path} holds a sweep of another configuration (differs in {', '.join(diff)}); use another --out"
+        )
+    return old
+
+
+def _argv(args: argparse.Namespace) -> list[str]:
+    """The sweep's own arguments (``main`` records them; under the CLI they follow ``sweep`` in sys.argv)."""
+    argv = getattr(args, "argv", None)
+    if argv is None:
+        argv = sys.argv[1:]
+        argv = argv[argv.index("sweep") + 1 :] if "sweep" in argv else argv
+    return list(argv)
+
+
+def _save(result: dict, out: Path) -> None:
+    from dgl_jax.files import write_json
+
+    result["summary"] = summarize(result)
+    result["best_ratio_at_1pt"] = best_ratio_at_1pt(result["summary"])
+    write_json(out / "sweep.json", result)
+
+
+def run_sweep(args: argparse.Namespace) -> int:
+    """The ``sweep`` command: returns 0, 2 (bad input), 3 (non-finite features) or 130 (interrupted)."""
+    out = Path(args.out)
+    try:
+        names = parse_codecs(args.codecs)
+        seeds = parse_seeds(args.seeds)
+        config = train_config(args)
+        ident = sweep_config(config, args)
+        return _run(args, out, names, seeds, config, ident)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # before the first cell (loading, checks): nothing to lose
+        print(f"interrupted: re-run the same command to resume in {out}", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident: dict) -> int:
+    import jax
+    import jax.numpy as jnp
+
+    from dgl_jax.data import load_dataset
+    from dgl_jax.files import FolderLock, FolderLockedError, write_atomic
+    from dgl_jax.stage import init_stage_states
+
+    try:
+        data = load_dataset(config.dataset, config.data_dir, config.validation)
+    except (ValueError, FileNotFoundError) as e:
+        raise SweepError(str(e).splitlines()[0]) from None
+    if args.train_subset:
+        data = data._replace(
+            train_images=data.train_images[: args.train_subset], train_labels=data.train_labels[: args.train_subset]
+        )
+    n = len(data.train_labels)
+    if config.batch_size > n:
+        raise SweepError(f"batch size {config.batch_size} is larger than the {n} training examples of {data.name}")
+    stages = build_stages(config, data.num_classes, n // config.batch_size)
+    x0 = jax.ShapeDtypeStruct((config.batch_size, *data.image_shape), jnp.float32)
+    y0 = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
+    shapes = boundary_shapes(stages, x0)
+    check_codecs(names, shapes)
+    mode = args.mode if args.mode != "auto" else ("loop" if jax.default_backend() == "cpu" else "vmap")
+
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        lock = FolderLock(out).acquire()
+    except FolderLockedError as e:
+        raise SweepError(str(e).splitlines()[0]) from None
+    try:
+        old = _load_existing(out / "sweep.json", ident, names)
+        result = {
+            "experiment": "sweep",
+            "git_sha": git_sha(),
+            "command": "python -m dgl_jax sweep " + " ".join(_argv(args)),
+            "seeds": seeds,
+            "codecs": names,
+            "config": ident,
+            "mode": mode,
+            "dataset": data.name,
+            "boundary_shapes": [list(s) for s in shapes],
+            "bytes": codec_bytes(stages, names, x0, y0),
+            "machine": machine(),
+            "cells": dict(old["cells"]) if old else {},
+        }
+        groups = group_codecs(names)
+        todo = [(g, s) for s in seeds for g in groups]
+        built: dict[str, Group] = {}
+        init_states = jax.jit(functools.partial(init_stage_states, stages))  # one compilation for all cells
+        try:
+            for i, (g, s) in enumerate(todo, 1):
+                cid = cell_id(g, s)
+                if cid in result["cells"]:
+                    print(f"[{i}/{len(todo)}] {cid}: skipped (already in sweep.json)", flush=True)
+                    continue
+                if g not in built:
+                    built[g] = Group(stages, groups[g], mode, init_states)
+                cell = run_cell(built[g], data, config, s, args.max_steps)
+                result["cells"][cid] = {"group": g, **cell}
+                _save(result, out)
+                accs = ", ".join(f"{m} {r['acc_heads'][-1]:.2f}%" for m, r in cell["members"].items())
+                print(
+                    f"[{i}/{len(todo)}] {cid}: {cell['steps']} steps, last head {accs} ({cell['seconds']:.1f} s)",
+                    flush=True,
+                )
+        except KeyboardInterrupt:
+            done = sum(cell_id(g, s) in result["cells"] for g, s in todo)
+            print(
+                f"interrupted: {done} of {len(todo)} cells saved in {out / 'sweep.json'}; "
+                "re-run the same command to resume",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_INTERRUPTED
+        except ValueError as e:  # non-finite features (vq_train.check_metrics)
+            print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
+            return EXIT_DIVERGED
+        _save(result, out)
+        write_atomic(out / "sweep.md", markdown(result))
+        plot(result, out / "frontier.png")
+        print(f"wrote {out}/sweep.json, sweep.md, frontier.png; best_ratio_at_1pt {result['best_ratio_at_1pt']}")
+        return 0
+    finally:
+        lock.release()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line instead of usage + message
+        raise SweepError(f"{self.prog}: {message}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Standalone entry point (``python -m dgl_jax sweep ...``): returns the exit code."""
+    p = _Parser(prog="python -m dgl_jax sweep", description=__doc__.splitlines()[0])
+    add_arguments(p)
+    try:
+        args = p.parse_args(argv)
+    except SweepError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_BAD_INPUT
+    args.argv = list(sys.argv[1:] if argv is None else argv)
+    return run_sweep(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,116 @@
+"""Final test accuracy of the command line's device layouts on digits against one device (resumable).
+
+    python experiments/devices_accuracy.py            # 4 layouts x 3 seeds, 3 epochs each (a few minutes on 2 CPUs)
+    python experiments/devices_accuracy.py --tiny     # 1 epoch, 2 layouts, 1 seed (used by the tests)
+
+Each cell (layout x seed) runs ``python -m dgl_jax train --epochs E --seed S <layout>`` in a subprocess with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and records every head's final test accuracy, the
+measured and accounted bytes per step crossing the stage boundaries (stage-parallel layouts) and the wall
+time. A finished cell is written to the JSON at once and is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+from common import machine  # noqa: E402
+
+from dgl_jax.files import write_atomic, write_json  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+LAYOUTS = {
+    "1 device": ["--devices", "1"],
+    "data x4": ["--devices", "4", "--parallel", "data"],
+    "stages x3 (spmd)": ["--devices", "3", "--parallel", "stages"],
+    "stages x2 + data x2": ["--devices", "4", "--parallel", "stages+data", "--stage-groups", "2", "--split", "2"],
+}
+
+
+def git_sha() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_cell(flags: list[str], seed: int, epochs: int) -> dict:
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run"
+        cmd = [sys.executable, "-m", "dgl_jax", "train", "--epochs", str(epochs), "--seed", str(seed)]
+        t0 = time.perf_counter()
+        proc = subprocess.run([*cmd, *flags, "--out", str(out), "--no-progress"], env=env, capture_output=True,
+                              text=True)  # fmt: skip
+        if proc.returncode:
+            raise RuntimeError(f"{' '.join(flags)} seed {seed}: exit {proc.returncode}: {proc.stderr.strip()[-300:]}")
+        summary = json.loads((out / "summary.json").read_text())
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+        wires = [r for r in rows if r.get("event") == "train" and "wire_bytes_measured" in r]
+        return {
+            "test_accuracy": summary["test_accuracy"],
+            "wire_bytes_measured": wires[-1]["wire_bytes_measured"] if wires else None,
+            "wire_bytes_accounted": wires[-1]["wire_bytes_accounted"] if wires else None,
+            "wall_s": time.perf_counter() - t0,
+        }
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"# Device layouts on digits ({result['epochs']} epochs, seeds {result['seeds']}, git {result['git_sha'][:8]})",
+        "",
+        "Last head's final test accuracy (%); mean +- std over the seeds. Bytes: per step across the boundaries.",
+        "",
+        "| layout | per seed | mean +- std | bytes measured / accounted |",
+        "|---|---|---|---|",
+    ]
+    for name in result["layouts"]:
+        cells = [result["cells"].get(f"{name}/{s}") for s in result["seeds"]]
+        accs = [100 * c["test_accuracy"][-1] for c in cells if c]
+        spread = f"{statistics.mean(accs):.2f} +- {statistics.stdev(accs):.2f}" if len(accs) > 1 else "-"
+        b = next((c for c in cells if c and c["wire_bytes_measured"] is not None), None)
+        bytes_ = f"{b['wire_bytes_measured']:.0f} / {b['wire_bytes_accounted']:.0f}" if b else "-"
+        lines.append(f"| {name} | {', '.join(f'{a:.2f}' for a in accs)} | {spread} | {bytes_} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--out", default=str(RESULTS / "devices_accuracy"), help="path without suffix")
+    p.add_argument("--tiny", action="store_true")
+    args = p.parse_args(argv)
+    layouts = dict(LAYOUTS)
+    if args.tiny:
+        args.epochs, args.seeds = 1, "0"
+        layouts = {k: LAYOUTS[k] for k in ("1 device", "stages x3 (spmd)")}
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if len(set(seeds)) != len(seeds):
+        p.error(f"--seeds {args.seeds}: seeds repeat")
+    out = Path(args.out)
+    path = out.with_suffix(".json")
+    result = json.loads(path.read_text()) if path.exists() else {"cells": {}}
+    result.update(epochs=args.epochs, seeds=seeds, layouts=list(layouts), git_sha=git_sha(), machine=machine())
+    for name, flags in layouts.items():
+        for seed in seeds:
+            cell = f"{name}/{seed}"
+            if cell in result["cells"]:
+                continue
+            result["cells"][cell] = run_cell(flags, seed, args.epochs)
+            write_json(path, result)
+            print(cell, [round(100 * a, 2) for a in result["cells"][cell]["test_accuracy"]], flush=True)
+    write_atomic(out.with_suffix(".md"), render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""``python -m dgl_jax sweep``: a tiny ablation end to end, resuming, interruption and bad input."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dgl_jax import accounting, init_stage_states, with_codec
+from dgl_jax import sweep as sw
+from dgl_jax.codecs import parse_codec
+from dgl_jax.models import get_model
+
+CODECS = "vq-packed:16:4,vq-packed:64:4"
+TINY = ["--split", "2", "--model-option", "width_mult=0.25", "--epochs", "1", "--batch-size", "64"]
+TINY += ["--train-subset", "256", "--max-steps", "3"]
+
+
+def tiny_args(out, codecs=CODECS, seeds="0,1"):
+    return ["--codecs", codecs, "--seeds", seeds, *TINY, "--out", str(out)]
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One tiny sweep (2 codecs sharing a group, seeds 0 and 1), run once for the module."""
+    out = tmp_path_factory.mktemp("sweep")
+    rc = sw.main(tiny_args(out))
+    return out, rc
+
+
+def expected_wire_bytes(spec: str) -> int:
+    """Bytes per step of ``spec`` on the tiny model, computed independently of the sweep."""
+    stages = with_codec(get_model("small_cnn", num_classes=10, split=2, width_mult=0.25), parse_codec(spec))
+    x = jax.ShapeDtypeStruct((64, 8, 8, 1), jnp.float32)
+    states = jax.eval_shape(lambda: init_stage_states(stages, jax.random.key(0), x))
+    return sum(t["wire_bytes"] for t in accounting.boundary_traffic(stages, states, x))
+
+
+def test_sweep_writes_json_table_and_frontier(finished):
+    out, rc = finished
+    assert rc == 0
+    result = json.loads((out / "sweep.json").read_text())
+    for k in ("git_sha", "seeds", "codecs", "config", "machine", "cells", "best_ratio_at_1pt"):
+        assert k in result
+    assert result["seeds"] == [0, 1] and result["codecs"] == ["vq-packed:16:4", "vq-packed:64:4"]
+    assert sorted(result["cells"]) == ["d4/seed0", "d4/seed1", "float32/seed0", "float32/seed1"]
+    md = (out / "sweep.md").read_text()
+    rows = {r["codec"]: r for r in result["summary"]}
+    for spec in ("vq-packed:16:4", "vq-packed:64:4"):
+        want = expected_wire_bytes(spec)
+        assert rows[spec]["wire_bytes"] == want
+        assert f"| {spec} | {want} (" in md
+        assert rows[spec]["ratio"] == pytest.approx(rows["float32"]["wire_bytes"] / want)
+        assert 0 <= rows[spec]["entropy_bits_mean"] <= 6  # log2(64) at most
+    # [64, 8, 8, 8] messages: 2 groups of 4 channels, 4-bit packed codes + the float32 codebook [2, 16, 4]
+    assert rows["vq-packed:16:4"]["wire_bytes"] == 64 * 8 * 8 * 2 * 4 // 8 + 2 * 16 * 4 * 4
+    assert rows["float32"]["wire_bytes"] == 64 * 8 * 8 * 8 * 4
+    assert rows["vq-packed:16:4"]["buffer_bytes"] == rows["vq-packed:16:4"]["wire_bytes"] + 64 * 4  # + labels
+    assert "entropy bits/code (achievable with entropy coding)" in md
+    best = result["best_ratio_at_1pt"]
+    ok = [r["ratio"] for r in result["summary"][1:] if r["loss_last_mean"] <= 1.0]
+    assert best == (max(ok) if ok else None)
+    # stage 0 never sees a codec: its head scores the same in every configuration of a seed
+    cell = result["cells"]["d4/seed0"]["members"]
+    base = result["cells"]["float32/seed0"]["members"]["float32"]
+    assert cell["vq-packed:16:4"]["acc_heads"][0] == base["acc_heads"][0]
+    assert (out / "frontier.png").stat().st_size > 1000
+
+
+def test_rerun_skips_finished_cells(finished, capsys, monkeypatch):
+    out, _ = finished
+    before = json.loads((out / "sweep.json").read_text())["cells"]
+    calls = []
+    monkeypatch.setattr(sw, "run_cell", lambda *a, **k: calls.append(a) or pytest.fail("ran a finished cell"))
+    capsys.readouterr()
+    assert sw.main(tiny_args(out)) == 0
+    assert calls == []
+    assert json.loads((out / "sweep.json").read_text())["cells"] == before
+    assert capsys.readouterr().out.count("skipped") == 4
+
+
+def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypatch):
+    fake = {"steps": 0, "seconds": 0.0}
+
+    def run_cell(group, data, config, seed, max_steps):
+        if seed == 1:
+            raise KeyboardInterrupt
+        accs = {m: {"acc_heads": [10.0, 20.0], "train_loss_last": [1.0, 1.0], "entropy": None} for m in group.members}
+        return {"seed": seed, **fake, "members": accs}
+
+    monkeypatch.setattr(sw, "run_cell", run_cell)
+    assert sw.main(tiny_args(tmp_path)) == 130
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "re-run the same command" in err[0]
+    cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
+    assert sorted(cells) == ["d4/seed0", "float32/seed0"]
+
+
+@pytest.mark.parametrize(
+    "codecs, seeds, needle",
+    [
+        ("vq-packed:16:4,zstd", "0", "bad codec spec 'zstd'"),
+        ("vq-packed:1:4", "0", "K must be >= 2"),
+        ("vq-packed:16:3", "0", "code dim 3 does not divide the 8 channels of boundary 0 -> 1"),
+        ("vq-packed:16:4", "0,1,0", "seed 0 is repeated"),
+        ("", "0", "--codecs is empty"),
+        (" , ", "0", "--codecs is empty"),
+        ("vq-packed:16:4,vq-packed:16:4", "0", "repeated"),
+        ("bfloat16", "0", "not a VQ codec"),
+        ("vq-packed:16:4", "0,x", "--seeds"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, capsys, codecs, seeds, needle):
+    out = tmp_path / "run"
+    assert sw.main(tiny_args(out, codecs, seeds)) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and needle in err[0], captured.err
+    assert not out.exists()  # checked before any folder is made
+
+
+def test_bad_flag_and_other_config_in_folder_exit_2(finished, capsys):
+    out, _ = finished
+    assert sw.main([*tiny_args(out), "--lr", "0.01"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "another configuration" in err[0] and "lr" in err[0]
+    assert sw.main([*tiny_args(out), "--no-such-flag"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert sw.main(["--seeds", "0", "--out", str(out)]) == 2  # --codecs missing
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+
+
+def test_build_parser_adds_the_sweep_subcommand():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    sw.build_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["sweep", "--codecs", "vq-packed:16:4", "--out", "x", "--model-option", "width_mult=0.5"])
+    assert args.command == "sweep" and args.func is sw.run_sweep
+    assert args.model_options == [("width_mult", 0.5)] and args.seeds == "0" and args.epochs is None
+
+
+def test_sweep_is_a_command_of_the_cli(tmp_path, capsys):
+    from dgl_jax.cli import main as cli_main
+
+    assert cli_main(["sweep", "--codecs", "vq-packed:1:4", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "K" in err[0] and not (tmp_path / "s").exists()
