@@ -33,6 +33,7 @@ import logging
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -83,6 +84,26 @@ def quiet() -> Iterator[None]:
     finally:
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
+
+
+def _closed_loop_error(unraisable: Any) -> bool:
+    return isinstance(unraisable.exc_value, RuntimeError) and "Event loop is closed" in str(unraisable.exc_value)
+
+
+def silence_closed_loop_errors() -> None:
+    """After a failed orbax write or read, tensorstore's callbacks may still fire into orbax's closed asyncio
+    loop, each printing an ignored ``RuntimeError('Event loop is closed')`` traceback: those (and only those)
+    are dropped from ``sys.unraisablehook``. Idempotent."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_dgl_jax_filter", False):
+        return
+
+    def filtered(unraisable: Any) -> None:
+        if not _closed_loop_error(unraisable):
+            hook(unraisable)
+
+    filtered._dgl_jax_filter = True
+    sys.unraisablehook = filtered
 
 
 def file_checksums(folder: Path) -> dict[str, dict]:
@@ -168,6 +189,7 @@ class Checkpointer:
             os.replace(partial, final)
             _fsync_dir(self.directory)
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
+            silence_closed_loop_errors()
             with contextlib.suppress(OSError):
                 for old in self.directory.glob(f"{step}{PARTIAL}*"):
                     _remove(old)
@@ -286,6 +308,7 @@ class Checkpointer:
             with quiet():
                 meta = self.orbax.restore(folder, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
+            silence_closed_loop_errors()
             raise _Unusable(f"checkpoint {folder} is unreadable: {_first_line(e)}") from None
         if not isinstance(meta, dict) or "signature" not in meta:
             raise _Unusable(f"checkpoint {folder} has no dgl_jax metadata")
@@ -304,6 +327,7 @@ class Checkpointer:
                 args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
                 restored = self.orbax.restore(folder, args=args)["state"]
         except Exception as e:  # noqa: BLE001
+            silence_closed_loop_errors()
             raise _Unusable(f"checkpoint {folder} is unreadable: {_first_line(e)}") from None
         restored = jax.tree.map(lambda t, r: jax.numpy.asarray(r, dtype=np.asarray(t).dtype), template, restored)
         return restored, meta

@@ -17,9 +17,11 @@ everything (names, ranges, K against the model, batch size against the data) is 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import json
+import logging
 import math
 import os
 import signal
@@ -28,11 +30,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dgl_jax.files import json_clean, save_figure, write_atomic, write_json
+from dgl_jax.files import check_creatable, json_clean, save_figure, write_atomic, write_json
 from dgl_jax.host import keep_freed_memory
 
-EXIT_BAD_INPUT = 2
-EXIT_INTERRUPTED = 130
+EXIT_BAD_INPUT = 2  # bad input, a run folder in use by another process, no usable checkpoint
+EXIT_DIVERGED = 3  # NaN/inf in the training state: the last finite checkpoint is kept
+EXIT_WRITE_ERROR = 4  # the run folder could not be written (full disk, permissions): resumable
+EXIT_INTERRUPTED = 130  # SIGINT; SIGTERM gives 143 (128 + the signal number)
 
 
 class UsageError(Exception):
@@ -102,6 +106,10 @@ _FIELDS = [
     ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
     ("--image-size", "image_size", int, "imagenet2012 (grain): S of the [S,S,3] images (resize to S*256/224, crop S)"),
     ("--codec", "codec", str, "boundary codec (dgl, async): identity, bfloat16, vq:K:d, vq-packed:K:d"),
+    ("--devices", "devices", int, "local devices to use (default: all; CPU: 1 unless fake devices are set)"),
+    ("--parallel", "parallel", str, "data (default), stages, or stages+data: how the devices share the work"),
+    ("--stage-groups", "stage_groups", int, "positions on the stage axis (default: one per stage)"),
+    ("--executor", "executor", str, "stage-parallel executor: spmd (one shard_map program) or threads"),
 ]
 
 
@@ -144,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("run_dir")
     ev.add_argument("--data-dir", help="override the data folder recorded in the run")
     _common(ev)
+    from dgl_jax.sweep import build_parser as sweep_parser
+
+    _common(sweep_parser(sub))
     return parser
 
 
@@ -214,10 +225,17 @@ def setup_compilation_cache(path: str) -> str | None:
 # Files (writers in dgl_jax.files; write_atomic / write_json re-exported here)
 # ----------------------------------------------------------------------------------------------------------
 def read_metrics(run_dir: Path) -> list[dict]:
+    """The rows of ``metrics.jsonl`` (a line cut short by a full disk or a crash is left out)."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(errors="replace").splitlines():
+        with contextlib.suppress(ValueError):
+            row = json.loads(line) if line.strip() else None
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
 
 
 def plot_learning_curves(run_dir: Path, title: str = "") -> Path | None:
@@ -262,6 +280,11 @@ def format_table(accuracy: list[float], ensemble: float, layers: list[tuple[str,
 # ----------------------------------------------------------------------------------------------------------
 # Commands
 # ----------------------------------------------------------------------------------------------------------
+# What --resume may change: the length of the run, where the data is, and the devices it runs on (a
+# checkpoint saved on N devices restores on any other count: the arrays are resharded).
+RESUME_MAY_CHANGE = ("epochs", "data_dir", "devices", "parallel", "stage_groups", "executor")
+
+
 def resolve_config(args: argparse.Namespace):
     """TrainConfig from defaults <- preset <- explicit options (or from the run folder with --resume)."""
     from dgl_jax.presets import PRESETS, preset_config
@@ -276,10 +299,11 @@ def resolve_config(args: argparse.Namespace):
         path = run / "config.json"
         if not path.is_file():
             raise UsageError(f"--resume {args.resume!r}: no config.json there; expected a run folder made by train")
-        extra = sorted(set(explicit) - {"epochs", "data_dir"})
+        extra = sorted(set(explicit) - set(RESUME_MAY_CHANGE))
         if extra or args.preset or args.out:
             bad = extra + (["preset"] if args.preset else []) + (["out"] if args.out else [])
-            raise UsageError(f"--resume cannot change {bad}; only --epochs and --data-dir may be given")
+            flags = ", ".join("--" + f.replace("_", "-") for f in RESUME_MAY_CHANGE)
+            raise UsageError(f"--resume cannot change {bad}; only {flags} may be given")
         try:
             d = json.loads(path.read_text())
             d.update(explicit)
@@ -288,17 +312,43 @@ def resolve_config(args: argparse.Namespace):
             raise UsageError(f"--resume {args.resume!r}: config.json is invalid: {e}") from None
     if args.preset is not None and args.preset not in PRESETS:
         raise UsageError(f"unknown preset {args.preset!r}; expected one of {sorted(PRESETS)}")
+    if "devices" not in explicit:  # the command line uses every local device unless told otherwise
+        import jax
+
+        explicit["devices"] = jax.local_device_count()
     try:
         return preset_config(args.preset or "quickstart", **explicit)
     except TypeError as e:
         raise UsageError(str(e)) from None
 
 
-class _Interrupt:
-    """Turns SIGINT/SIGTERM into a flag checked between chunks (a second signal exits at once)."""
+class _Stop(BaseException):
+    """Raised by the signal handler to stop at once (start-up, or a second signal): not an ``Exception``, so
+    nothing on the way swallows it."""
 
-    def __init__(self):
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Interrupt:
+    """SIGINT/SIGTERM over a whole command, exit code ``128 + signal`` (130, 143):
+
+    * during start-up (until the first chunk of training is done) a signal stops at once (:class:`_Stop`):
+      there is nothing to save yet;
+    * during training it sets :attr:`signal`, checked after every chunk: the state is checkpointed, the
+      summary written, and the command ends;
+    * a second signal stops at once, except inside :meth:`critical` (a checkpoint being written), which
+      finishes first.
+    """
+
+    def __init__(self, restore: bool = True):
         self.signal: int | None = None
+        self.count = 0
+        self.training = False
+        self.finished = False  # the command's last line is out: later signals change nothing
+        self._critical = 0
+        self._restore = restore
         self._old = {}
 
     def __enter__(self):
@@ -310,99 +360,356 @@ class _Interrupt:
         return self
 
     def _handle(self, signum, frame):
-        if self.signal is not None:
-            raise KeyboardInterrupt
-        self.signal = signum
+        self.count += 1
+        if self.signal is None:
+            self.signal = signum
+        if not self._critical and self._at_once():
+            raise _Stop(self.signal)
+
+    def _at_once(self) -> bool:
+        return self.signal is not None and not self.finished and (not self.training or self.count > 1)
+
+    @contextlib.contextmanager
+    def critical(self):
+        """A section that a signal never cuts short: a stop requested meanwhile happens at its end."""
+        self._critical += 1
+        try:
+            yield
+        finally:
+            self._critical -= 1
+        if not self._critical and self._at_once():
+            raise _Stop(self.signal)
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + int(self.signal or signal.SIGINT)
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signal or signal.SIGINT).name
 
     def __exit__(self, *exc):
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        self.finished = True
+        if self._restore:  # as the program, the handlers stay: a late signal cannot raise during the exit
+            for sig, old in self._old.items():
+                signal.signal(sig, old)
 
 
-def cmd_train(args: argparse.Namespace, t_start: float) -> int:
-    from dgl_jax.checkpoint import Checkpointer, CheckpointError, state_tree
-    from dgl_jax.trainer import Trainer, config_to_dict
+_fault_hits: dict[str, int] = {}
 
+
+def _fault_wait(point: str, interrupt: _Interrupt) -> None:
+    """Test hook: with ``DGL_JAX_FAULT_WAIT=POINT[:N][,...]`` the N-th time (default 1) the run reaches
+    ``POINT`` (``startup``: run folder written, nothing compiled; ``save``: a checkpoint written but not yet
+    committed; ``epoch-end``: an epoch's checkpoint committed) it prints ``fault-wait POINT`` on stdout and
+    waits for a signal (at most 120 s), so that a test sends its signal at exactly that moment."""
+    spec = os.environ.get("DGL_JAX_FAULT_WAIT", "")
+    if not spec:
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    for item in spec.split(","):
+        name, _, n = item.strip().partition(":")
+        if name == point and _fault_hits[point] == int(n or 1):
+            print(f"fault-wait {point}", flush=True)
+            deadline = time.monotonic() + 120
+            while interrupt.signal is None and time.monotonic() < deadline:
+                time.sleep(0.01)
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def _finite_check():
+    """``(stages, extra) -> bool [K + 1]``: whether every float of each stage state (params, model state,
+    optimizer state, codec state) and of the method's state is finite. One jitted reduction per stage (a
+    stage's state lives on its own devices when the stages run in parallel), one transfer for all."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    @jax.jit
+    def ok(tree):
+        leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if _is_float(x)]
+        return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+    def check(stages, extra):
+        flags = [ok(s) for s in stages]
+        try:
+            flags.append(ok(extra))
+        except ValueError:  # the method's state spread over several devices: leaf by leaf
+            flags.append([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(extra) if _is_float(x)])
+        return np.array([bool(np.all(f)) for f in jax.device_get(flags)])
+
+    return check
+
+
+def _is_float(x) -> bool:
+    import jax.numpy as jnp
+
+    return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.inexact)
+
+
+def _join(where: list[str]) -> str:
+    """``['stage 1', 'stage 3']`` -> ``'stages 1, 3'``; anything else joined with commas."""
+    stages = [w.split()[1] for w in where if w.startswith("stage ")]
+    if len(stages) > 1:
+        return ", ".join([f"stages {', '.join(stages)}"] + [w for w in where if not w.startswith("stage ")])
+    return ", ".join(where)
+
+
+def _resume_command(run_dir: Path) -> str:
+    return f"python -m dgl_jax train --resume {run_dir}"
+
+
+def _check_labels(trainer) -> None:
+    """One line (UsageError) if a label of the training or evaluation split is outside [0, num_classes)."""
+    import numpy as np
+
+    k = trainer.data.num_classes
+    sets = [("training", getattr(trainer.source, "labels", None) if trainer.source else trainer.data.train_labels)]
+    sets.append(("evaluation", trainer.data.test_labels))
+    for name, labels in sets:
+        if labels is None or not len(labels):
+            continue
+        labels = np.asarray(labels)
+        bad = (labels < 0) | (labels >= k)
+        if bad.any():
+            raise UsageError(
+                f"{trainer.data.name}: {int(bad.sum())} {name} labels are outside [0, {k}) (e.g. "
+                f"{int(labels[bad][0])} at index {int(np.flatnonzero(bad)[0])}); expected class indices 0..{k - 1}"
+            )
+
+
+def _too_small(trainer, error: Exception) -> str:
+    """The one line for a model too deep for its inputs: which unit of which stage gets too few pixels."""
+    import jax
+
+    shape = trainer.example_batch.shape[1:3]
+    what = f"model {trainer.config.model} is too deep for {shape[0]}x{shape[1]} inputs"
+    x, key = trainer.example_batch, jax.random.key(0)
+    for j, stage in enumerate(trainer.stages):
+        units = getattr(stage.block, "layers", None)
+        if units is None or len(units) != len(stage.layers):
+            break
+        for name, unit in zip(stage.layers, units, strict=True):
+            try:
+                x = jax.eval_shape(lambda a, u=unit: u.init_with_output(key, a, False)[0], x)
+            except ValueError as e:
+                return f"{what}: layer {name} (stage {j + 1}): {str(e).splitlines()[0]}"
+        if stage.head is not None:
+            try:
+                jax.eval_shape(lambda a, h=stage.head: h.init_with_output(key, a, False)[0], x)
+            except ValueError as e:
+                return f"{what}: the head of stage {j + 1} ({x.shape[1]}x{x.shape[2]} pixels): {str(e).splitlines()[0]}"
+    return f"{what}: {str(error).splitlines()[0]}"
+
+
+def _prepare_out(run_dir: Path, lock) -> bool:
+    """Checks a fresh run's ``--out`` before any data loads; takes its lock if it exists. True when it is a run
+    folder whose first checkpoint never came (config.json, no checkpoint): it is then reused from scratch."""
+    from dgl_jax.checkpoint import Checkpointer
+    from dgl_jax.files import FolderLockedError
+
+    problem = check_creatable(run_dir)
+    if problem:
+        raise UsageError(f"--out {str(run_dir)!r} cannot be created: {problem}")
+    if not run_dir.exists():
+        return False
+    names = {p.name for p in run_dir.iterdir()} - {lock.NAME}
+    if not names and not (run_dir / lock.NAME).exists():
+        return False
+    if names and "config.json" not in names:
+        raise UsageError(f"--out {str(run_dir)!r} exists and is not empty; pick another folder or use --resume")
+    try:
+        lock.acquire()
+    except FolderLockedError as e:
+        raise UsageError(str(e)) from None
+    if names and Checkpointer(run_dir / "checkpoints").steps():
+        raise UsageError(
+            f"--out {str(run_dir)!r} holds a run with checkpoints; continue it with --resume or pick another folder"
+        )
+    return bool(names)
+
+
+def cmd_train(args: argparse.Namespace, t_start: float, interrupt: _Interrupt | None = None) -> int:
+    from dgl_jax.files import FolderLock, FolderLockedError
+
+    interrupt = interrupt or _Interrupt()  # not installed: never set
     config = resolve_config(args)
     if args.keep < 1 or args.checkpoint_every < 1:
         raise UsageError(f"--keep {args.keep} / --checkpoint-every {args.checkpoint_every}: expected integers >= 1")
+    if args.resume:
+        run_dir = Path(args.resume).absolute()
+        problem = check_creatable(run_dir)
+        if problem:
+            raise UsageError(f"--resume {args.resume!r}: cannot write there: {problem}")
+    else:
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}-{stamp}").absolute()
+    lock = FolderLock(run_dir)
+    try:
+        if args.resume:
+            try:
+                lock.acquire()
+            except FolderLockedError as e:
+                raise UsageError(str(e)) from None
+            reuse = False
+        else:
+            reuse = _prepare_out(run_dir, lock)
+        return _train(args, config, run_dir, lock, reuse, t_start, interrupt)
+    finally:
+        lock.release()
+
+
+def _train(args, config, run_dir: Path, lock, reuse: bool, t_start: float, interrupt: _Interrupt) -> int:
+    from dgl_jax.checkpoint import Checkpointer, CheckpointError, state_tree
+    from dgl_jax.files import FolderLockedError
+    from dgl_jax.layers import InputTooSmallError
+    from dgl_jax.trainer import Trainer, config_to_dict
+
     notes: list[str] = []
     try:
         trainer = Trainer(config, log=notes.append)
     except (ValueError, FileNotFoundError, NotImplementedError) as e:
         hint = _imports_hint(Path(args.resume), args.imports) if args.resume else ""
         raise UsageError((str(e).splitlines()[0] if str(e) else type(e).__name__) + hint) from None
-    if args.resume:
-        run_dir = Path(args.resume).absolute()
-    else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}-{stamp}").absolute()
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise UsageError(f"--out {str(run_dir)!r} exists and is not empty; pick another folder or use --resume")
-    # ---- everything validated: from here on the run folder exists ----
+    _check_labels(trainer)
     import jax
 
-    ckpt_dir = run_dir / "checkpoints"
     print(trainer.describe(), flush=True)
     try:
         state = trainer.init_state()  # methods check what needs the built model here (e.g. a stage index)
+    except InputTooSmallError as e:
+        raise UsageError(_too_small(trainer, e)) from None
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
-    if args.resume:
-        try:
-            checkpointer = Checkpointer(ckpt_dir, args.keep)
-            tree, meta = checkpointer.restore(state_tree(state.stages, state.extra, state.key))
-        except CheckpointError as e:
-            raise UsageError(str(e)) from None
-        state = state._replace(
-            stages=tree["stages"],
-            extra=tree["extra"],
-            key=jax.random.wrap_key_data(tree["key"]),
-            epoch=int(meta["epoch"]),
-            step=int(meta["step"]),
-        )
-        done = int(meta["global_step"])
-        kept = [r for r in read_metrics(run_dir) if r.get("global_step", 0) <= done]
-        write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-        write_json(run_dir / "config.json", config_to_dict(config))
-        print(f"resumed {run_dir} at epoch {state.epoch} step {state.step} (global step {done})", flush=True)
-    else:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_json(run_dir / "config.json", config_to_dict(config))
-        write_json(
-            run_dir / "run.json",
-            {
-                "argv": sys.argv,
-                "preset": args.preset,
-                "imports": args.imports,
-                "jax": jax.__version__,
-                "devices": [str(d) for d in jax.devices()],
-                "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
-            },
-        )
-        checkpointer = Checkpointer(ckpt_dir, args.keep)
+    checkpointer = Checkpointer(run_dir / "checkpoints", args.keep)
+    saved = None  # (global step, epoch, step) of the newest checkpoint of the run
+    try:
+        if args.resume:
+            checkpointer.cleanup()  # what an interrupted save left (we hold the lock)
+            if checkpointer.steps():
+                try:
+                    tree, meta = checkpointer.restore(state_tree(state.stages, state.extra, state.key), warn=_warn)
+                except CheckpointError as e:
+                    raise UsageError(str(e)) from None
+                for bad, _ in checkpointer.skipped:  # newer but unusable: kept aside, their steps are redone
+                    checkpointer.set_aside(bad)
+                state = state._replace(
+                    stages=tree["stages"],
+                    extra=tree["extra"],
+                    key=jax.random.wrap_key_data(tree["key"]),
+                    epoch=int(meta["epoch"]),
+                    step=int(meta["step"]),
+                )
+                saved = (int(meta["global_step"]), state.epoch, state.step)
+            else:
+                print(f"{run_dir}: no checkpoint yet, the run starts from the beginning", flush=True)
+            if trainer.total_epochs < state.epoch:
+                phases = trainer.num_phases
+                raise UsageError(
+                    f"--epochs {config.epochs}: the run in {run_dir} has done {state.epoch} epochs already; "
+                    f"expected --epochs >= {-(-state.epoch // phases)}"
+                    + (f" (epochs per phase, {phases} phases)" if phases > 1 else "")
+                )
+            done = saved[0] if saved else 0
+            kept = [r for r in read_metrics(run_dir) if r.get("global_step", 0) <= done]
+            write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            write_json(run_dir / "config.json", config_to_dict(config))
+            print(f"resumed {run_dir} at epoch {state.epoch} step {state.step} (global step {done})", flush=True)
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if not lock.held:
+                try:
+                    lock.acquire()
+                except FolderLockedError as e:
+                    raise UsageError(str(e)) from None
+            if reuse:  # a run folder whose first checkpoint never came: started again from scratch
+                checkpointer.cleanup()
+                for name in ("summary.json", "learning_curves.png"):
+                    (run_dir / name).unlink(missing_ok=True)
+                print(f"{run_dir}: reusing this run folder (it has no checkpoint)", flush=True)
+            write_atomic(run_dir / "metrics.jsonl", "")
+            write_json(run_dir / "config.json", config_to_dict(config))
+            write_json(
+                run_dir / "run.json",
+                {
+                    "argv": sys.argv,
+                    "preset": args.preset,
+                    "imports": args.imports,
+                    "jax": jax.__version__,
+                    "devices": [str(d) for d in jax.devices()],
+                    "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
+                },
+            )
+    except OSError as e:
+        print(f"error: cannot write {e.filename or run_dir}: {e.strerror or e}", file=sys.stderr, flush=True)
+        return EXIT_WRITE_ERROR
     for note in notes:
         print(note, flush=True)
-    return _train_loop(trainer, state, run_dir, checkpointer, args, t_start)
+    return _train_loop(trainer, state, run_dir, checkpointer, args, t_start, interrupt, saved)
 
 
-def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: float) -> int:
+def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: float, interrupt, saved) -> int:
     from tqdm import tqdm
 
-    from dgl_jax.checkpoint import state_tree
+    from dgl_jax.checkpoint import CheckpointWriteError, state_tree
 
     cfg = trainer.config
     spe = trainer.steps_per_epoch
+    k = trainer.num_stages
+    finite_fn = _finite_check()
 
     def global_step(st):
         return st.epoch * spe + st.step
 
     def save(st):
-        checkpointer.save(
-            global_step(st),
-            state_tree(st.stages, st.extra, st.key),
-            {"epoch": st.epoch, "step": st.step, "config": cfg.model},
-        )
+        """Checkpoints ``st`` unless it already is (exactly once per state); a signal waits for the end."""
+        nonlocal saved
+        g = global_step(st)
+        if saved is not None and saved[0] == g:
+            return
+        with interrupt.critical():
+            checkpointer.save(
+                g,
+                state_tree(st.stages, st.extra, st.key),
+                {"epoch": st.epoch, "step": st.step, "config": cfg.model},
+                before_commit=lambda _: _fault_wait("save", interrupt),
+            )
+            saved = (g, st.epoch, st.step)
+
+    def kept() -> str:
+        if saved is None:
+            return "no checkpoint yet: --resume starts the run from the beginning"
+        return f"checkpoint {checkpointer.path(saved[0])} (epoch {saved[1]} step {saved[2]})"
+
+    def summary(status: str, last_eval: dict | None, **more) -> dict:
+        g, epoch, _ = saved if saved is not None else (0, 0, 0)
+        ev = last_eval or {}
+        return {
+            "status": status,
+            "epochs_completed": epoch,
+            "total_epochs": trainer.total_epochs,
+            "global_step": g,
+            "test_accuracy": ev.get("accuracy"),
+            "test_loss": ev.get("loss"),
+            "ensemble_accuracy": ev.get("ensemble"),
+            "final_accuracy": ev["accuracy"][-1] if ev else None,
+            "examples_used_per_epoch": trainer.used_per_epoch,
+            "train_examples": trainer.num_train,
+            "eval_examples": trainer.num_test,
+            "eval_split": trainer.data.name,
+            "wall_s": time.perf_counter() - t0,
+            **timings,
+            **more,
+        }
+
+    def flush_metrics():
+        try:
+            metrics_file.flush()
+        except OSError as e:
+            raise OSError(e.errno, e.strerror, str(run_dir / "metrics.jsonl")) from None
 
     total = trainer.total_epochs * spe
     bar = tqdm(
@@ -413,95 +720,151 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
         unit="step",
         file=sys.stderr,
     )
-    metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
-    status, last_eval, t0, first = "completed", None, time.perf_counter(), True
+    status, last_eval, last_eval_step, t0, first = "completed", None, None, time.perf_counter(), True
     timings: dict[str, float] = {}
+    reported: dict[int, int] = {}  # stage -> the phase in which it last reported a finite loss
+    diverged = None
+    metrics_file = None
     try:
-        with _Interrupt() as interrupt:
-            for ev in trainer.fit(state):
-                state = ev.state
-                g = global_step(state)
-                if first:
-                    timings["first_chunk_s"] = time.perf_counter() - t_start
-                    first = False
-                for j in range(trainer.num_stages):
-                    loss, acc = ev.train["loss"][j], ev.train["accuracy"][j]
-                    if loss is None or not math.isfinite(loss):
-                        continue
-                    row = {"event": "train", "epoch": ev.epoch + 1, "phase": ev.phase, "global_step": g, "stage": j}
-                    row.update(loss=loss, accuracy=acc, lr=ev.train["lr"][j])
-                    row["examples_per_s"] = ev.train["examples_per_s"]
-                    for name, v in ev.train.items():  # the method's other per-stage / scalar metrics
-                        if name not in row:
-                            row[name] = v[j] if isinstance(v, list) and len(v) == trainer.num_stages else v
-                    metrics_file.write(json.dumps(json_clean(row)) + "\n")
-                post = " ".join(
-                    f"s{j + 1} {ev.train['loss'][j]:.3f}/{100 * ev.train['accuracy'][j]:.0f}%"
-                    for j in range(trainer.num_stages)
-                    if math.isfinite(ev.train["loss"][j])
+        metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+        _fault_wait("startup", interrupt)
+        if interrupt.signal is not None:  # a start-up signal that something swallowed: stop here
+            raise _Stop(interrupt.signal)
+        for ev in trainer.fit(state):
+            before, state = state, ev.state
+            interrupt.training = True  # from here a signal is a request, honoured after the chunk
+            g = global_step(state)
+            if first:
+                timings["first_chunk_s"] = time.perf_counter() - t_start
+                first = False
+            finite = finite_fn(state.stages, state.extra)
+            for j in range(k):
+                loss, acc = ev.train["loss"][j], ev.train["accuracy"][j]
+                ok = loss is not None and math.isfinite(loss)
+                if ok:
+                    reported[j] = ev.phase
+                elif finite[j] and reported.get(j) != ev.phase:
+                    continue  # a stage this phase does not train (or without a head)
+                row = {"event": "train", "epoch": ev.epoch + 1, "phase": ev.phase, "global_step": g, "stage": j}
+                row.update(loss=loss, accuracy=acc, lr=ev.train["lr"][j])
+                row["examples_per_s"] = ev.train["examples_per_s"]
+                for name, v in ev.train.items():  # the method's other per-stage / scalar metrics
+                    if name not in row:
+                        row[name] = v[j] if isinstance(v, list) and len(v) == k else v
+                metrics_file.write(json.dumps(json_clean(row)) + "\n")
+            if not finite.all():
+                where = [f"stage {j + 1}" for j in range(k) if not finite[j]] + (
+                    [] if finite[k] else ["the method's state"]
                 )
-                bar.set_description(f"epoch {ev.epoch + 1}/{trainer.total_epochs}", refresh=False)
-                bar.set_postfix_str(post, refresh=False)
-                bar.update(ev.steps)
-                if ev.eval is not None:
-                    last_eval = ev.eval
-                    for j, (acc, loss) in enumerate(zip(ev.eval["accuracy"], ev.eval["loss"], strict=True)):
-                        if math.isfinite(acc):
-                            row = {"event": "eval", "epoch": ev.epoch + 1, "global_step": g, "stage": j}
-                            metrics_file.write(json.dumps(json_clean({**row, "accuracy": acc, "loss": loss})) + "\n")
-                    row = {"event": "eval", "epoch": ev.epoch + 1, "global_step": g, "stage": "ensemble"}
-                    metrics_file.write(json.dumps({**row, "accuracy": ev.eval["ensemble"]}) + "\n")
-                    accs = " ".join(
-                        f"s{j + 1} {100 * a:.2f}" for j, a in enumerate(ev.eval["accuracy"]) if math.isfinite(a)
-                    )
-                    bar.write(f"epoch {ev.epoch + 1}: test acc {accs} ens {100 * ev.eval['ensemble']:.2f}")
-                metrics_file.flush()
-                end_of_run = state.epoch >= trainer.total_epochs
-                if ev.eval is not None and (state.epoch % args.checkpoint_every == 0 or end_of_run):
-                    save(state)
-                if interrupt.signal is not None and not end_of_run:
-                    save(state)
-                    status = "interrupted"
-                    break
-    finally:
+                diverged = {
+                    "where": where,
+                    "epoch": ev.epoch + 1,
+                    "steps": [before.step + 1, before.step + ev.steps],
+                    "global_step": g,
+                }
+                status = "diverged"
+                flush_metrics()
+                break
+            post = " ".join(
+                f"s{j + 1} {ev.train['loss'][j]:.3f}/{100 * ev.train['accuracy'][j]:.0f}%"
+                for j in range(k)
+                if math.isfinite(ev.train["loss"][j])
+            )
+            bar.set_description(f"epoch {ev.epoch + 1}/{trainer.total_epochs}", refresh=False)
+            bar.set_postfix_str(post, refresh=False)
+            bar.update(ev.steps)
+            if ev.eval is not None:
+                last_eval, last_eval_step = ev.eval, g
+                for j, (acc, loss) in enumerate(zip(ev.eval["accuracy"], ev.eval["loss"], strict=True)):
+                    if math.isfinite(acc):
+                        row = {"event": "eval", "epoch": ev.epoch + 1, "global_step": g, "stage": j}
+                        metrics_file.write(json.dumps(json_clean({**row, "accuracy": acc, "loss": loss})) + "\n")
+                row = {"event": "eval", "epoch": ev.epoch + 1, "global_step": g, "stage": "ensemble"}
+                metrics_file.write(json.dumps({**row, "accuracy": ev.eval["ensemble"]}) + "\n")
+                accs = " ".join(
+                    f"s{j + 1} {100 * a:.2f}" for j, a in enumerate(ev.eval["accuracy"]) if math.isfinite(a)
+                )
+                bar.write(f"epoch {ev.epoch + 1}: test acc {accs} ens {100 * ev.eval['ensemble']:.2f}")
+            flush_metrics()
+            end_of_run = state.epoch >= trainer.total_epochs
+            if ev.eval is not None and (state.epoch % args.checkpoint_every == 0 or end_of_run):
+                save(state)
+                _fault_wait("epoch-end", interrupt)
+            if interrupt.signal is not None and not end_of_run:
+                save(state)
+                status = "interrupted"
+                break
         bar.close()
-        metrics_file.close()
-    if last_eval is None:
-        last_eval = trainer.evaluate(state.stages, extra=state.extra)
-    summary = {
-        "status": status,
-        "epochs_completed": state.epoch,
-        "total_epochs": trainer.total_epochs,
-        "global_step": global_step(state),
-        "test_accuracy": last_eval["accuracy"],
-        "test_loss": last_eval["loss"],
-        "ensemble_accuracy": last_eval["ensemble"],
-        "final_accuracy": last_eval["accuracy"][-1],
-        "examples_used_per_epoch": trainer.used_per_epoch,
-        "train_examples": trainer.num_train,
-        "eval_examples": trainer.num_test,
-        "eval_split": trainer.data.name,
-        "wall_s": time.perf_counter() - t0,
-        **timings,
-    }
-    write_json(run_dir / "summary.json", summary)
-    plot_learning_curves(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
-    print(format_table(last_eval["accuracy"], last_eval["ensemble"], [s.layers for s in trainer.stages]))
-    if status == "interrupted":
+        if status == "diverged":
+            write_json(run_dir / "summary.json", summary(status, last_eval, diverged=diverged))
+            plot_learning_curves(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
+            a, b = diverged["steps"]
+            interrupt.finished = True
+            last = f"{checkpointer.path(saved[0])} (epoch {saved[1]} step {saved[2]})" if saved else "none"
+            print(
+                f"error: training diverged: NaN/inf in {_join(diverged['where'])} in epoch {diverged['epoch']}, "
+                f"{f'step {a}' if a == b else f'steps {a}-{b}'} (global step {diverged['global_step']}); no "
+                f"non-finite checkpoint was written, the last finite one is kept: {last}; try a lower --lr",
+                file=sys.stderr,
+                flush=True,
+            )
+            return EXIT_DIVERGED
+        if last_eval is None or last_eval_step != global_step(state):
+            last_eval = trainer.evaluate(state.stages, extra=state.extra)
+        write_json(run_dir / "summary.json", summary(status, last_eval))
+        plot_learning_curves(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
+        print(format_table(last_eval["accuracy"], last_eval["ensemble"], [s.layers for s in trainer.stages]))
+        interrupt.finished = True
+        if interrupt.signal is not None:
+            what = "after the run completed" if status == "completed" else f"at epoch {state.epoch} step {state.step}"
+            resume = "" if status == "completed" else f"; continue with: {_resume_command(run_dir)}"
+            print(
+                f"interrupted by {interrupt.name} {what}: the run folder keeps {kept()}{resume}",
+                file=sys.stderr,
+                flush=True,
+            )
+            return interrupt.exit_code
+        print(f"run folder: {run_dir}", flush=True)
+        return 0
+    except _Stop:
+        bar.close()
+        with contextlib.suppress(OSError, _Stop):
+            write_json(run_dir / "summary.json", summary("interrupted", last_eval))
+        interrupt.finished = True
+        when = "during start-up" if first else "a second time: stopped at once"
         print(
-            f"interrupted at epoch {state.epoch} step {state.step}: checkpoint saved; continue with "
-            f"python -m dgl_jax train --resume {run_dir}",
+            f"interrupted by {interrupt.name} {when}; the run folder keeps {kept()}; continue with: "
+            f"{_resume_command(run_dir)}",
+            file=sys.stderr,
             flush=True,
         )
-        return EXIT_INTERRUPTED
-    print(f"run folder: {run_dir}", flush=True)
-    return 0
+        return interrupt.exit_code
+    except (CheckpointWriteError, OSError) as e:
+        bar.close()
+        with contextlib.suppress(OSError):
+            write_json(run_dir / "summary.json", summary("failed", last_eval, error=str(e)))
+        interrupt.finished = True
+        if isinstance(e, CheckpointWriteError):
+            what = str(e)
+        else:
+            what = f"cannot write {e.filename or run_dir}: {e.strerror or e}"
+        print(
+            f"error: {what}; the run folder keeps {kept()}; continue with: {_resume_command(run_dir)}",
+            file=sys.stderr,
+            flush=True,
+        )
+        return EXIT_WRITE_ERROR
+    finally:
+        bar.close()
+        if metrics_file is not None:
+            with contextlib.suppress(OSError):
+                metrics_file.close()
 
 
-def cmd_eval(args: argparse.Namespace) -> int:
-    import jax
+def cmd_eval(args: argparse.Namespace, interrupt: _Interrupt | None = None) -> int:
 
     from dgl_jax.checkpoint import Checkpointer, CheckpointError, state_tree
+    from dgl_jax.layers import InputTooSmallError
     from dgl_jax.trainer import Trainer, config_from_dict
 
     run = Path(args.run_dir)
@@ -512,11 +875,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.data_dir:
             config = dataclasses.replace(config, data_dir=args.data_dir)
         trainer = Trainer(config, log=lambda s: None)
-        state = trainer.init_state()
-        tree, meta = Checkpointer(run / "checkpoints").restore(state_tree(state.stages, state.extra, state.key))
+        try:
+            state = trainer.init_state()
+        except InputTooSmallError as e:
+            raise UsageError(_too_small(trainer, e)) from None
+        tree, meta = Checkpointer(run / "checkpoints").restore(
+            state_tree(state.stages, state.extra, state.key), warn=_warn
+        )
     except (ValueError, TypeError, FileNotFoundError, NotImplementedError, CheckpointError) as e:
         raise UsageError(str(e).splitlines()[0] + _imports_hint(run, args.imports)) from None
-    del jax
+    finite = _finite_check()(tree["stages"], tree["extra"])
+    if not finite.all():
+        where = [f"stage {j + 1}" for j in range(len(finite) - 1) if not finite[j]]
+        _warn(
+            f"the checkpoint at epoch {meta['epoch']} step {meta['step']} holds NaN/inf values in "
+            f"{_join(where or ['the method state'])}: the run diverged, the accuracies below are meaningless"
+        )
     out = trainer.evaluate(tree["stages"], extra=tree["extra"])
     print(f"{run}: checkpoint at epoch {meta['epoch']} step {meta['step']}, {trainer.num_test} eval examples")
     print(format_table(out["accuracy"], out["ensemble"], [s.layers for s in trainer.stages]))
@@ -524,7 +898,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, *, process_settings: bool | None = None) -> int:
-    """Entry point: returns the exit code (0 ok, 2 bad input, 130 interrupted).
+    """Entry point: returns the exit code (0 ok, 2 bad input, 3 diverged, 4 write error, 128 + the signal when
+    interrupted: 130 SIGINT, 143 SIGTERM; README, "Faults").
 
     ``process_settings``: apply the process-wide defaults (``--malloc keep``, the persistent compilation
     cache); None means only when running as the program (``argv`` None: ``python -m dgl_jax``, ``dgl-jax``).
@@ -533,23 +908,38 @@ def main(argv: list[str] | None = None, *, process_settings: bool | None = None)
     t_start = time.perf_counter()
     if process_settings is None:
         process_settings = argv is None
-    try:
-        args = build_parser().parse_args(argv)
-        malloc = args.malloc or ("keep" if process_settings else "default")
-        cache = args.compilation_cache
-        if cache is None and process_settings:
-            cache = os.environ.get("DGL_JAX_CACHE_DIR", os.path.expanduser("~/.cache/dgl_jax/jax"))
-        if malloc == "keep":
-            keep_freed_memory()
-        if cache is not None:
-            setup_compilation_cache(cache)
-        import_plugins(args.imports)  # before the config is resolved: plugins register models / methods
-        if args.command == "train":
-            return cmd_train(args, t_start)
-        return cmd_eval(args)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_BAD_INPUT
+    command = "train"
+    with _Interrupt(restore=not process_settings) as interrupt:
+        try:
+            args = build_parser().parse_args(argv)
+            command = args.command
+            malloc = args.malloc or ("keep" if process_settings else "default")
+            cache = args.compilation_cache
+            if cache is None and process_settings:
+                cache = os.environ.get("DGL_JAX_CACHE_DIR", os.path.expanduser("~/.cache/dgl_jax/jax"))
+            if malloc == "keep":
+                keep_freed_memory()
+            if cache is not None:
+                setup_compilation_cache(cache)
+            if process_settings:  # orbax's and asyncio's error logs: the failures are reported in one line
+                from dgl_jax.checkpoint import silence_closed_loop_errors
+
+                logging.getLogger("absl").setLevel(logging.CRITICAL + 1)
+                logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
+                silence_closed_loop_errors()
+            import_plugins(args.imports)  # before the config is resolved: plugins register models / methods
+            if args.command == "train":
+                return cmd_train(args, t_start, interrupt)
+            if args.command == "sweep":  # reports its own errors (one line, exit 2) and interruptions (130)
+                return args.func(args)
+            return cmd_eval(args, interrupt)
+        except UsageError as e:
+            print(f"error: {e}", file=sys.stderr, flush=True)
+            return EXIT_BAD_INPUT
+        except _Stop:
+            what = "during start-up: nothing trained" if command == "train" else "before the end"
+            print(f"interrupted by {interrupt.name} {what}", file=sys.stderr, flush=True)
+            return interrupt.exit_code
 
 
 if __name__ == "__main__":

@@ -53,9 +53,11 @@ def _replace_via_temp(path: str | os.PathLike, write: Callable[[str], None]) -> 
             os.fsync(f.fileno())
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError) and e.errno and e.filename in (None, tmp):  # name the file being written
+            raise OSError(e.errno, e.strerror, str(path)) from None
         raise
     return path
 
@@ -118,7 +120,7 @@ class FolderLockedError(RuntimeError):
     def __init__(self, path: Path, pid: int | None):
         self.path, self.pid = path, pid
         who = f"process {pid}" if pid else "another process"
-        super().__init__(f"{path.parent} is in use by {who} (lock file {path}); wait for it to end or stop it")
+        super().__init__(f"folder {path.parent} is in use by {who} (lock file {path}); wait for it to end or stop it")
 
 
 def pid_alive(pid: int) -> bool:
@@ -190,6 +192,10 @@ class FolderLock:
             raise
         self._fd = fd
         return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         """Releases the lock (the file stays, emptied)."""
