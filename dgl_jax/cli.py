@@ -28,8 +28,8 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
+from dgl_jax.arguments import boolean, decay_list, int_list, key_value
 from dgl_jax.files import check_creatable, json_clean, save_figure, write_atomic, write_json
 from dgl_jax.host import keep_freed_memory
 
@@ -48,43 +48,11 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-def _int_list(text: str) -> int | tuple[int, ...]:
-    try:
-        parts = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma-separated list of integers") from None
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r} is empty")
-    return parts[0] if len(parts) == 1 and "," not in text else tuple(parts)
-
-
-def _decay(text: str) -> int | tuple[int, ...] | None:
-    return None if text.lower() in ("none", "off", "constant") else _int_list(text)
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"{text!r} is not a boolean; expected true/false")
-
-
-def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    k, v = text.split("=", 1)
-    try:
-        return k, json.loads(v)
-    except json.JSONDecodeError:
-        return k, v
-
-
 # TrainConfig fields settable from the command line: (flag, field, type, help)
 _FIELDS = [
     ("--method", "method", str, "training method (dgl, backprop, sequential, + registered ones)"),
     ("--model", "model", str, "model zoo name (small_cnn, cnn4, vgg13, resnet110_cifar, ...)"),
-    ("--split", "split", _int_list, "K stages (balanced by layer count) or units per stage, e.g. 2,1"),
+    ("--split", "split", int_list, "K stages (balanced by layer count) or units per stage, e.g. 2,1"),
     ("--head", "head", str, "auxiliary head: mlp_sr, mlp, cnn, linear, dni, gap_linear"),
     ("--dataset", "dataset", str, "digits, fashion_mnist, mnist, cifar10, cifar100, svhn_cropped, imagenet2012"),
     ("--data-dir", "data_dir", str, "folder with the data (IDX files for fashion_mnist, a tfds data_dir otherwise)"),
@@ -96,11 +64,11 @@ _FIELDS = [
     ("--lr", "lr", float, "learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "coupled weight decay"),
-    ("--decay-epochs", "decay_epochs", _decay, "LR step schedule: every N epochs, at E1,E2,..., or none"),
+    ("--decay-epochs", "decay_epochs", decay_list, "LR step schedule: every N epochs, at E1,E2,..., or none"),
     ("--decay-factor", "decay_factor", float, "LR multiplier at each decay"),
     ("--seed", "seed", int, "PRNG seed (init, data order, augmentation)"),
     ("--dtype", "dtype", str, "compute dtype: float32, bfloat16, float16"),
-    ("--augment", "augment", _bool, "random crop + flip on device (true/false)"),
+    ("--augment", "augment", boolean, "random crop + flip on device (true/false)"),
     ("--chunk-steps", "chunk_steps", int, "optimizer steps per dispatch/log line (0: auto)"),
     ("--loop", "loop", str, "chunk execution: auto, scan, dispatch"),
     ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
@@ -131,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--method-option",
         dest="method_options",
-        type=_option,
+        type=key_value,
         action="append",
         help="KEY=VALUE (JSON value), repeatable; e.g. --method async: capacity=5 policy=priority_lifo "
         "slow_stage=2 slowdown=1.5 delay=0 schedule=paper max_reuse=null",
@@ -139,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--model-option",
         dest="model_options",
-        type=_option,
+        type=key_value,
         action="append",
         help="zoo KEY=VALUE, e.g. width_mult=0.25",
     )

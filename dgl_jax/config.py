@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax.numpy as jnp
@@ -157,3 +158,28 @@ def validate_config(config: TrainConfig) -> None:
         if not method.codecs:
             raise ValueError(f"--codec applies to methods that send messages between stages, not {config.method!r}")
     method.validate(config)
+
+
+def build_stages(config: TrainConfig, num_classes: int, steps_per_epoch: int) -> list:
+    """The zoo model of ``config`` (split, head, dtype, model options) with one optimizer per stage built from
+    the config's recipe (``steps_per_epoch`` places the LR decays)."""
+    from dgl_jax.models import get_model
+    from dgl_jax.stage import make_optimizer, with_optimizer
+
+    kwargs = {"num_classes": num_classes, "dtype": DTYPES[config.dtype]}
+    if config.split is not None:
+        kwargs["split"] = config.split
+    if config.head is not None:
+        kwargs["head"] = config.head
+    stages = get_model(config.model, **kwargs, **config.model_options)
+    tx = functools.partial(
+        make_optimizer,
+        config.optimizer,
+        config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        steps_per_epoch=steps_per_epoch,
+        decay_epochs=config.decay_epochs,
+        decay_factor=config.decay_factor,
+    )
+    return with_optimizer(stages, lambda j: tx())

@@ -40,6 +40,8 @@ from typing import Any
 
 import numpy as np
 
+from dgl_jax.arguments import decay_list, int_list, key_value
+
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
@@ -55,34 +57,10 @@ class SweepError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Parsing
 # ----------------------------------------------------------------------------------------------------------
-def _int_list(text: str) -> int | tuple[int, ...]:
-    try:
-        parts = [int(p) for p in text.split(",") if p.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer or a comma-separated list of integers") from None
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r} is empty")
-    return parts[0] if len(parts) == 1 and "," not in text else tuple(parts)
-
-
-def _decay(text: str) -> int | tuple[int, ...] | None:
-    return None if text.lower() in ("none", "off", "constant") else _int_list(text)
-
-
-def _option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    k, v = text.split("=", 1)
-    try:
-        return k, json.loads(v)
-    except json.JSONDecodeError:
-        return k, v
-
-
 # TrainConfig fields a sweep takes from the command line: (flag, field, type, help)
 TRAIN_FLAGS = [
     ("--model", "model", str, "model zoo name (default small_cnn)"),
-    ("--split", "split", _int_list, "K stages or units per stage, e.g. 2,1"),
+    ("--split", "split", int_list, "K stages or units per stage, e.g. 2,1"),
     ("--head", "head", str, "auxiliary head: mlp_sr, mlp, cnn, linear, gap_linear"),
     ("--dataset", "dataset", str, "digits (default), fashion_mnist, mnist, cifar10, ..."),
     ("--data-dir", "data_dir", str, "folder with the data"),
@@ -94,7 +72,7 @@ TRAIN_FLAGS = [
     ("--lr", "lr", float, "learning rate"),
     ("--momentum", "momentum", float, "SGD momentum"),
     ("--weight-decay", "weight_decay", float, "coupled weight decay"),
-    ("--decay-epochs", "decay_epochs", _decay, "LR step schedule: every N epochs, at E1,E2,..., or none"),
+    ("--decay-epochs", "decay_epochs", decay_list, "LR step schedule: every N epochs, at E1,E2,..., or none"),
     ("--decay-factor", "decay_factor", float, "LR multiplier at each decay"),
     ("--dtype", "dtype", str, "compute dtype: float32, bfloat16, float16"),
 ]
@@ -108,7 +86,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for flag, field, typ, text in TRAIN_FLAGS:
         p.add_argument(flag, dest=field, type=typ, default=None, help=text)
     p.add_argument(
-        "--model-option", dest="model_options", type=_option, action="append", default=[], metavar="KEY=VALUE"
+        "--model-option", dest="model_options", type=key_value, action="append", default=[], metavar="KEY=VALUE"
     )
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N training examples (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each cell after this many steps (0: all epochs)")
@@ -218,32 +196,15 @@ def sweep_config(config: Any, args: argparse.Namespace) -> dict:
 # ----------------------------------------------------------------------------------------------------------
 def build_stages(config: Any, num_classes: int, steps_per_epoch: int) -> list:
     """The model's stages with the config's optimizer (as :class:`dgl_jax.trainer.Trainer` builds them)."""
-    from dgl_jax.config import DTYPES
-    from dgl_jax.models import get_model
-    from dgl_jax.stage import make_optimizer, with_optimizer
+    from dgl_jax import config as configs
 
-    kwargs = {"num_classes": num_classes, "dtype": DTYPES[config.dtype]}
-    if config.split is not None:
-        kwargs["split"] = config.split
-    if config.head is not None:
-        kwargs["head"] = config.head
     try:
-        stages = get_model(config.model, **kwargs, **config.model_options)
+        stages = configs.build_stages(config, num_classes, steps_per_epoch)
     except (ValueError, TypeError) as e:
         raise SweepError(str(e).splitlines()[0]) from None
     if len(stages) < 2:
         raise SweepError(f"model {config.model!r} has {len(stages)} stage: a sweep needs >= 2 stages (--split)")
-    tx = functools.partial(
-        make_optimizer,
-        config.optimizer,
-        config.lr,
-        momentum=config.momentum,
-        weight_decay=config.weight_decay,
-        steps_per_epoch=steps_per_epoch,
-        decay_epochs=config.decay_epochs,
-        decay_factor=config.decay_factor,
-    )
-    return with_optimizer(stages, lambda j: tx())
+    return stages
 
 
 def boundary_shapes(stages: Sequence[Any], example: Any) -> list[tuple[int, ...]]:

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dgl_jax.accounting import nbytes
-from dgl_jax.config import DTYPES, LOOPS, TrainConfig, config_from_dict, config_to_dict, validate_config
+from dgl_jax.config import LOOPS, TrainConfig, build_stages, config_from_dict, config_to_dict, validate_config
 from dgl_jax.data import (
     DATASETS,
     ArraySource,
@@ -48,8 +48,7 @@ from dgl_jax.evaluation import eval_all, eval_batch, pad_eval
 from dgl_jax.files import json_ready
 from dgl_jax.input_pipeline import batch_at, epoch_order, one_step, run_chunk, streamed_step
 from dgl_jax.methods import METHODS, Method, get_method, register_method
-from dgl_jax.models import get_model
-from dgl_jax.stage import StageState, init_stage_states, make_optimizer, with_codec, with_optimizer
+from dgl_jax.stage import StageState, init_stage_states, with_codec
 from dgl_jax.steps import forward_features
 
 PyTree = Any
@@ -138,23 +137,7 @@ class Trainer:
             raise ValueError(f"loop {config.loop!r} is not valid; expected one of {list(LOOPS)}")
         self.loop = config.loop if config.loop != "auto" else ("dispatch" if jax.default_backend() == "cpu" else "scan")
         self.used_per_epoch = self.steps_per_epoch * config.batch_size
-        kwargs = {"num_classes": self.data.num_classes, "dtype": DTYPES[config.dtype]}
-        if config.split is not None:
-            kwargs["split"] = config.split
-        if config.head is not None:
-            kwargs["head"] = config.head
-        stages = get_model(config.model, **kwargs, **config.model_options)
-        tx = functools.partial(
-            make_optimizer,
-            config.optimizer,
-            config.lr,
-            momentum=config.momentum,
-            weight_decay=config.weight_decay,
-            steps_per_epoch=self.steps_per_epoch,
-            decay_epochs=config.decay_epochs,
-            decay_factor=config.decay_factor,
-        )
-        stages = with_optimizer(stages, lambda j: tx())
+        stages = build_stages(config, self.data.num_classes, self.steps_per_epoch)
         if config.codec is not None:
             from dgl_jax.codecs import parse_codec
 
