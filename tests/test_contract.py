@@ -208,7 +208,8 @@ def test_packed_vq_codes_cross_the_spmd_wire_as_uint8_and_match_dgl_step():
     chex.assert_trees_all_close(spmd.unpack(st), jax.device_get(ref), rtol=1e-5, atol=1e-6)
     from dgl_jax.accounting import nbytes
 
-    assert spmd.wire_bytes()[0] == nbytes(wire) + nbytes(Y) + nbytes(jax.random.key_data(key))
+    assert spmd.wire_bytes()[0] == nbytes(wire) + nbytes(Y) + nbytes(jax.random.key_data(key)) + 1  # + valid flag
+    assert spmd.measured_wire_bytes(st) == spmd.wire_bytes()[0]  # from the compiled program's collective-permutes
 
 
 class _Plain(nn.Module):

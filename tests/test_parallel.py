@@ -240,10 +240,9 @@ def test_pipeline_benchmark_tiny(tmp_path):
     assert best["predicted_speedup"] == pytest.approx(sum(best["stage_ms"]) / max(best["stage_ms"]))
     assert set(saved["balance"]["splits"]) == {"[1, 2]", "[2, 1]"}
     b0 = saved["traffic"]["boundaries"][0]
-    assert b0["message_shape"] == [8, 8, 8, 32]
-    assert b0["float32_bytes"] == 8 * 8 * 8 * 32 * 4 + 8 * 4
-    if "vq" in b0:  # 2 groups of 16 channels, one uint8 code each per pixel
-        assert b0["vq"]["code_bytes"] == 8 * 8 * 8 * 2 + 8 * 4
+    assert b0["float32_bytes"] == 8 * 8 * 8 * 32 * 4 + 8 * 4  # features [8, 8, 8, 32] + int32 labels
+    # vq-packed:16:16: 2 groups of 16 channels, 4-bit codes (64 pixels x 2 codes = 64 bytes per example) + codebook
+    assert b0["vq_packed_bytes"] == 8 * 64 + 2 * 16 * 16 * 4 + 8 * 4
 
 
 def test_spmd_empty_mesh_axis_raises(model):
