@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,16 +30,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import machine, write_json  # noqa: E402
 
 from dgl_jax.data import Dataset  # noqa: E402
+from dgl_jax.provenance import git_sha  # noqa: E402
 from dgl_jax.trainer import TrainConfig, Trainer  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def synthetic(n: int, size: int) -> Dataset:

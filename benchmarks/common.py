@@ -25,19 +25,9 @@ from dgl_jax import (
     get_model,
     init_stage_states,
     make_optimizer,
+    provenance,
     with_optimizer,
 )
-
-
-def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _direct_only(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
@@ -79,7 +69,7 @@ def machine(malloc_kept: bool | None = None) -> dict[str, Any]:
     dev = jax.devices()[0]
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     return {
-        "cpu_model": cpu_model(),
+        "cpu_model": provenance.cpu_model(),
         "avx512": " avx512f" in flags,
         "platform": dev.platform,
         "device_kind": dev.device_kind,
@@ -90,6 +80,7 @@ def machine(malloc_kept: bool | None = None) -> dict[str, Any]:
         "jax": jax.__version__,
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "malloc_kept": malloc_kept,
+        "versions": provenance.versions(),
     }
 
 

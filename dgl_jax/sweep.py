@@ -28,10 +28,7 @@ import argparse
 import functools
 import json
 import math
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -40,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from dgl_jax import provenance
 from dgl_jax.arguments import decay_list, int_list, key_value
 
 EXIT_BAD_INPUT = 2
@@ -519,30 +517,6 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def git_sha() -> str | None:
-    """``git rev-parse HEAD`` of the working directory, or ``None`` outside a git checkout."""
-    try:
-        root = Path(__file__).resolve().parents[1]
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True, cwd=root
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
-def machine() -> dict:
-    """Platform, CPU count, JAX backend and devices, package versions."""
-    import jax
-
-    return {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "jax_backend": jax.default_backend(),
-        "devices": [str(d) for d in jax.devices()],
-        "versions": {"python": sys.version.split()[0], "jax": jax.__version__, "numpy": np.__version__},
-    }
-
-
 # ----------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------
@@ -633,7 +607,8 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         old = _load_existing(out / "sweep.json", ident, names)
         result = {
             "experiment": "sweep",
-            "git_sha": git_sha(),
+            "git_sha": provenance.git_sha(),
+            "git_dirty": provenance.git_dirty(),
             "command": "python -m dgl_jax sweep " + " ".join(_argv(args)),
             "seeds": seeds,
             "codecs": names,
@@ -642,7 +617,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
             "dataset": data.name,
             "boundary_shapes": [list(s) for s in shapes],
             "bytes": codec_bytes(stages, names, x0, y0),
-            "machine": machine(),
+            "machine": provenance.machine(),
             "cells": dict(old["cells"]) if old else {},
         }
         groups = group_codecs(names)

@@ -6,12 +6,13 @@
 Each cell (layout x seed) runs ``python -m dgl_jax train --epochs E --seed S <layout>`` in a subprocess with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and records every head's final test accuracy, the
 measured and accounted bytes per step crossing the stage boundaries (stage-parallel layouts) and the wall
-time. A finished cell is written to the JSON at once and is not run again.
+time. A finished cell is written to the JSON at once (:func:`dgl_jax.cells.run_grid`) and is not run again.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -24,7 +25,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
 from common import machine  # noqa: E402
 
-from dgl_jax.files import write_atomic, write_json  # noqa: E402
+from dgl_jax.cells import run_grid  # noqa: E402
+from dgl_jax.files import write_atomic  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LAYOUTS = {
@@ -33,13 +35,6 @@ LAYOUTS = {
     "stages x3 (spmd)": ["--devices", "3", "--parallel", "stages"],
     "stages x2 + data x2": ["--devices", "4", "--parallel", "stages+data", "--stage-groups", "2", "--split", "2"],
 }
-
-
-def git_sha() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def run_cell(flags: list[str], seed: int, epochs: int) -> dict:
@@ -97,17 +92,13 @@ def main(argv: list[str] | None = None) -> dict:
     if len(set(seeds)) != len(seeds):
         p.error(f"--seeds {args.seeds}: seeds repeat")
     out = Path(args.out)
-    path = out.with_suffix(".json")
-    result = json.loads(path.read_text()) if path.exists() else {"cells": {}}
-    result.update(epochs=args.epochs, seeds=seeds, layouts=list(layouts), git_sha=git_sha(), machine=machine())
-    for name, flags in layouts.items():
-        for seed in seeds:
-            cell = f"{name}/{seed}"
-            if cell in result["cells"]:
-                continue
-            result["cells"][cell] = run_cell(flags, seed, args.epochs)
-            write_json(path, result)
-            print(cell, [round(100 * a, 2) for a in result["cells"][cell]["test_accuracy"]], flush=True)
+    cells = [
+        (f"{name}/{seed}", functools.partial(run_cell, flags, seed, args.epochs))
+        for name, flags in layouts.items()
+        for seed in seeds
+    ]
+    header = dict(epochs=args.epochs, seeds=seeds, layouts=list(layouts), machine=machine())
+    result = run_grid(out.with_suffix(".json"), {"epochs": args.epochs}, cells, header)
     write_atomic(out.with_suffix(".md"), render(result))
     return result
 

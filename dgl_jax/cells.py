@@ -1,0 +1,107 @@
+"""Resumable grids of experiment cells: each cell (a configuration x a seed) is written to the results JSON as
+soon as it finishes, with its provenance, and re-running the same command skips the finished ones.
+
+A grid is a JSON object::
+
+    {"ident": {...},            # what the grid measures (budget, configuration): a re-run must match it
+     "git_sha": "...",          # the commit of the newest cell; "git_shas": every commit the cells came from
+     "seeds": [0, 1, 2], ...,   # whatever the caller's header adds
+     "cells": {"<cell id>": {..., "wall_s": s, "git_sha": "...", "git_dirty": false, "machine": {...}}}}
+
+so a table can be finished over several sittings, or on several machines, and each number still names the
+code and the machine it came from.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from dgl_jax import provenance
+from dgl_jax.files import write_json
+
+Cell = tuple[str, Callable[[], dict]]
+
+
+class GridError(ValueError):
+    """The results file cannot be resumed (unreadable, or it holds a grid of another identity)."""
+
+
+def open_grid(path: str | Path, ident: Mapping[str, Any]) -> dict:
+    """The grid stored at ``path`` with its finished cells, or a new empty one; :class:`GridError` when the file
+    is unreadable or was written for another ``ident``."""
+    path = Path(path)
+    if not path.is_file():
+        return {"ident": dict(ident), "cells": {}}
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise GridError(f"{path}: unreadable ({e}); move it away or use another output path") from None
+    stored = old.get("ident")
+    if stored is None:  # written before grids carried an identity: adopt the caller's
+        return {**old, "ident": dict(ident), "cells": old.get("cells", {})}
+    ident = json.loads(json.dumps(ident))  # tuples -> lists, as stored
+    if stored != ident:
+        keys = sorted(k for k in set(ident) | set(stored or {}) if (stored or {}).get(k) != ident.get(k))
+        raise GridError(f"{path} holds a grid of another configuration (differs in {', '.join(keys)}); "
+                        "use another output path")  # fmt: skip
+    old.setdefault("cells", {})
+    return old
+
+
+def run_grid(
+    path: str | Path,
+    ident: Mapping[str, Any],
+    cells: Sequence[Cell],
+    header: Mapping[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Runs every cell of ``cells`` (``(cell_id, fn)``; ``fn()`` returns the cell's JSON-able result) that
+    ``path`` does not hold yet, writing the grid after each one; returns the grid.
+
+    ``header`` is merged into the grid's top level (e.g. ``seeds``, ``command``). On ``KeyboardInterrupt`` the
+    cell in flight is lost, the others are kept, one line says how to resume, and the interrupt propagates.
+    """
+    path = Path(path)
+    grid = open_grid(path, ident)
+    grid.update(header or {})
+    machine, sha, dirty = None, None, None
+    done = lambda: sum(cid in grid["cells"] for cid, _ in cells)  # noqa: E731
+    try:
+        for i, (cid, fn) in enumerate(cells, 1):
+            if cid in grid["cells"]:
+                log(f"[{i}/{len(cells)}] {cid}: done already (in {path.name})")
+                continue
+            if machine is None:
+                machine, sha, dirty = provenance.machine(), provenance.git_sha(), provenance.git_dirty()
+            log(f"[{i}/{len(cells)}] {cid}: running")
+            t0 = time.perf_counter()
+            value = fn()
+            grid["cells"][cid] = {
+                **value,
+                "wall_s": time.perf_counter() - t0,
+                "git_sha": sha,
+                "git_dirty": dirty,
+                "machine": machine,
+            }
+            _stamp(grid)
+            write_json(path, grid)
+    except KeyboardInterrupt:
+        log(f"interrupted: {done()} of {len(cells)} cells saved in {path}; re-run the same command to resume")
+        raise
+    _stamp(grid)
+    if grid["cells"] or not path.exists():
+        write_json(path, grid)
+    return grid
+
+
+def _stamp(grid: dict) -> None:
+    """Top-level ``git_sha`` (the newest cell's), ``git_shas`` (all of them) and ``machines``."""
+    cells = list(grid["cells"].values())
+    shas = [c.get("git_sha") for c in cells]
+    grid["git_sha"] = shas[-1] if shas else provenance.git_sha()
+    grid["git_shas"] = sorted({s for s in shas if s})
+    grid["machines"] = sorted({c["machine"]["cpu_model"] for c in cells if c.get("machine")})

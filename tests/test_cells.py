@@ -1,0 +1,69 @@
+"""Resumable experiment grids (dgl_jax.cells) and provenance (dgl_jax.provenance)."""
+
+import json
+
+import pytest
+
+from dgl_jax import cells, provenance
+
+
+def _cell(calls: list, name: str, value: int):
+    def fn():
+        calls.append(name)
+        return {"value": value}
+
+    return (name, fn)
+
+
+def test_finished_cells_are_written_at_once_and_skipped_on_rerun(tmp_path):
+    path = tmp_path / "grid.json"
+    calls = []
+    grid = cells.run_grid(path, {"budget": "x"}, [_cell(calls, "a/0", 1), _cell(calls, "a/1", 2)], {"seeds": [0, 1]})
+    assert calls == ["a/0", "a/1"]
+    stored = json.loads(path.read_text())
+    assert stored == json.loads(json.dumps(grid))
+    assert stored["seeds"] == [0, 1] and stored["ident"] == {"budget": "x"}
+    cell = stored["cells"]["a/1"]
+    assert cell["value"] == 2 and cell["wall_s"] >= 0
+    assert set(cell) >= {"git_sha", "git_dirty", "machine"}
+    assert set(cell["machine"]["versions"]) >= {"python", "jax", "flax", "optax"}
+    assert stored["git_sha"] == cell["git_sha"]
+
+    calls.clear()
+    cells.run_grid(path, {"budget": "x"}, [_cell(calls, "a/0", 9), _cell(calls, "b/0", 3)])
+    assert calls == ["b/0"]  # a/0 was finished
+    stored = json.loads(path.read_text())
+    assert stored["cells"]["a/0"]["value"] == 1 and stored["cells"]["b/0"]["value"] == 3
+
+
+def test_interrupt_keeps_the_finished_cells(tmp_path):
+    path = tmp_path / "grid.json"
+    lines, calls = [], []
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        cells.run_grid(path, {}, [_cell(calls, "a", 1), ("b", interrupted), _cell(calls, "c", 3)], log=lines.append)
+    assert list(json.loads(path.read_text())["cells"]) == ["a"]
+    assert "1 of 3 cells saved" in lines[-1] and "re-run" in lines[-1]
+
+
+def test_a_grid_of_another_configuration_is_refused(tmp_path):
+    path = tmp_path / "grid.json"
+    cells.run_grid(path, {"epochs": 3}, [_cell([], "a", 1)])
+    with pytest.raises(cells.GridError, match="differs in epochs"):
+        cells.run_grid(path, {"epochs": 4}, [_cell([], "a", 1)])
+    path.write_text("{not json")
+    with pytest.raises(cells.GridError, match="unreadable"):
+        cells.open_grid(path, {})
+
+
+def test_provenance_names_the_checkout():
+    sha = provenance.git_sha()
+    assert sha is None or len(sha) == 40
+    assert provenance.versions(("jax", "no-such-package-xyz")) == {
+        "python": provenance.versions()["python"],
+        "jax": provenance.versions()["jax"],
+        "no-such-package-xyz": None,
+    }
