@@ -28,9 +28,9 @@ wires and labels, vs the same slots holding float32 messages).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -53,6 +53,7 @@ from dgl_jax import (  # noqa: E402
     with_optimizer,
 )
 from dgl_jax import asynchronous as A  # noqa: E402
+from dgl_jax.cells import GridError, run_grid  # noqa: E402
 from dgl_jax.data import load_digits, load_fashion_mnist  # noqa: E402
 from dgl_jax.files import save_figure, write_atomic  # noqa: E402
 from dgl_jax.models import cifar_cnn  # noqa: E402
@@ -88,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--slowdowns", type=float, nargs="+", default=None, help="default 1 1.11 1.25 1.5 2 3")
     p.add_argument("--buffers", type=int, nargs="+", default=None, help="default 1 5 30")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--slow-stage", type=int, default=2)
     p.add_argument("--widths", type=int, nargs="+", default=[8, 8, 16, 16, 32, 32])
     p.add_argument("--downsample-at", type=int, nargs="+", default=[2, 4])
@@ -149,9 +150,9 @@ def main(argv: list[str] | None = None) -> dict:
             flush=True,
         )
     ticks = args.updates * k
-    runs: list[dict] = []
+    example = train_x[: args.batch]
 
-    def make_result(runs: list[dict]) -> dict:
+    def make_header() -> dict:
         return {
             "experiment": "async_buffer",
             "dataset": ds.name,
@@ -177,88 +178,104 @@ def main(argv: list[str] | None = None) -> dict:
             "seeds": args.seeds,
             "command": command,
             "drop_threshold": args.drop,
-            "machine": {
-                "platform": jax.devices()[0].platform,
-                "cpu_count": os.cpu_count(),
-                "processor": platform.processor() or platform.machine(),
-                "python": platform.python_version(),
-                "jax": jax.__version__,
-                "note": "shared 2-vCPU machine, other jobs running",
-            },
-            "wall_s": time.perf_counter() - t_start,
-            "runs": runs,
         }
 
-    for seed in args.seeds:
+    compiled: dict = {}  # (coded, M, seed) -> the async run: one program per codec, buffer size and data order
+
+    def run_cell(label: str, m: int, s: float | None, seed: int, coded: bool, round_robin: bool) -> dict:
         key = jax.random.key(seed)
-        input_fn = A.epoch_input_fn(train_x, train_y, args.batch, jax.random.fold_in(key, 1))
-        example = train_x[: args.batch]
+        run_stages = vq_stages if coded else stages
+        config = A.AsyncConfig(capacity=m, policy=args.policy)
+        if (coded, m, seed) not in compiled:  # the data order (input_fn) is baked into the program
+            input_fn = A.epoch_input_fn(train_x, train_y, args.batch, jax.random.fold_in(key, 1))
+            compiled[coded, m, seed] = A.make_async_run(run_stages, config, input_fn, ticks)
+        run = compiled[coded, m, seed]
         # same key, same params: init_stage_states draws the codec state from its own fold of each stage's key
-        init_states = {False: init_stage_states(stages, jax.random.fold_in(key, 0), example)}
-        if vq_stages is not None:
-            init_states[True] = init_stage_states(vq_stages, jax.random.fold_in(key, 0), example)
-        configs = [("sync_dgl", A.AsyncConfig(capacity=1), [None], False)]
+        states = init_stage_states(run_stages, jax.random.fold_in(key, 0), example)
+        schedule = A.RoundRobin(k) if round_robin else A.paper_schedule(k, args.slow_stage, s)
+        st = A.init_async(run_stages, states, example, train_y[: args.batch], config, jax.random.fold_in(key, 2))
+        t0 = time.perf_counter()
+        st, rec = run(st, schedule)
+        jax.block_until_ready(st.states)
+        wall = time.perf_counter() - t0
+        summ = A.summarize(rec)
+        last, ens = evaluate(eval_fn, st.states, test_x, test_y)  # float messages (no codec)
+        extra = {}
+        if coded:  # as deployed: every boundary through its codec; float messages for reference
+            extra = {"test_acc_last_float_messages": last, "test_acc_ensemble_float_messages": ens}
+            last, ens = evaluate(vq_eval_fn, st.states, test_x, test_y)
+            extra["test_distortion"] = evaluate_distortion(distortion_fn, st.states, test_x)
+        per_buffer = accounting.buffer_memory(run_stages, st.buffers)
+        mem = {
+            "stored_bytes": sum(b["stored_bytes"] for b in per_buffer),
+            "float32_bytes": sum(b["float32_bytes"] for b in per_buffer),
+            "buffer_stored_bytes": [b["stored_bytes"] for b in per_buffer],
+            "buffer_float32_bytes": [b["float32_bytes"] for b in per_buffer],
+            "wire_bytes_per_step": [
+                b["wire_bytes"] for b in accounting.boundary_traffic(run_stages, st.states, example)
+            ],
+        }
+        mem["buffer_memory_factor"] = mem["float32_bytes"] / mem["stored_bytes"]
+        row = {
+            "method": label,
+            "buffer": m,
+            "slowdown": 1.0 if s is None else s,
+            "schedule": "round_robin" if round_robin else "paper",
+            "seed": seed,
+            "test_acc_last": last,
+            "test_acc_ensemble": ens,
+            **extra,
+            "wall_s_incl_compile": wall,
+            **mem,
+            **{f"stage_{name}": np.asarray(v).tolist() for name, v in summ.items()},
+        }
+        print(
+            f"{label:8s} M={m:3d} S={row['slowdown']:.2f} seed={seed} acc={last:.4f} ens={ens:.4f} {wall:.1f}s "
+            f"buffers {mem['stored_bytes']} B{' (packed VQ)' if coded else ''}, "
+            f"x{mem['buffer_memory_factor']:.1f} less than float32 updates={row['stage_updates']} "
+            f"staleness={np.round(summ['mean_staleness'], 2).tolist()} "
+            f"reuse={np.round(summ['mean_reuse'], 2).tolist()}",
+            flush=True,
+        )
+        return row
+
+    cells = []
+
+    def add(label: str, m: int, s: float | None, seed: int, coded: bool, round_robin: bool) -> None:
+        name = f"{label}/M{m}/S{1.0 if s is None else s:g}/seed{seed}"
+        cells.append((name, functools.partial(run_cell, label, m, s, seed, coded, round_robin)))
+
+    for seed in args.seeds:
+        add("sync_dgl", 1, None, seed, False, True)
         for m in args.buffers:
-            configs.append(("async", A.AsyncConfig(capacity=m, policy=args.policy), args.slowdowns, False))
-            if vq_stages is not None:
-                configs.append(("async_vq", A.AsyncConfig(capacity=m, policy=args.policy), args.slowdowns, True))
-        for label, config, slowdowns, coded in configs:
-            run_stages = vq_stages if coded else stages
-            run = A.make_async_run(run_stages, config, input_fn, ticks)
-            for s in slowdowns:
-                schedule = A.RoundRobin(k) if s is None else A.paper_schedule(k, args.slow_stage, s)
-                states = jax.tree.map(jnp.copy, init_states[coded])  # the run donates its input
-                st = A.init_async(
-                    run_stages, states, example, train_y[: args.batch], config, jax.random.fold_in(key, 2)
-                )
-                t0 = time.perf_counter()
-                st, rec = run(st, schedule)
-                jax.block_until_ready(st.states)
-                wall = time.perf_counter() - t0
-                summ = A.summarize(rec)
-                last, ens = evaluate(eval_fn, st.states, test_x, test_y)  # float messages (no codec)
-                extra = {}
-                if coded:  # as deployed: every boundary through its codec; float messages for reference
-                    extra = {"test_acc_last_float_messages": last, "test_acc_ensemble_float_messages": ens}
-                    last, ens = evaluate(vq_eval_fn, st.states, test_x, test_y)
-                    extra["test_distortion"] = evaluate_distortion(distortion_fn, st.states, test_x)
-                per_buffer = accounting.buffer_memory(run_stages, st.buffers)
-                mem = {
-                    "stored_bytes": sum(b["stored_bytes"] for b in per_buffer),
-                    "float32_bytes": sum(b["float32_bytes"] for b in per_buffer),
-                    "buffer_stored_bytes": [b["stored_bytes"] for b in per_buffer],
-                    "buffer_float32_bytes": [b["float32_bytes"] for b in per_buffer],
-                    "wire_bytes_per_step": [
-                        b["wire_bytes"] for b in accounting.boundary_traffic(run_stages, st.states, example)
-                    ],
-                }
-                mem["buffer_memory_factor"] = mem["float32_bytes"] / mem["stored_bytes"]
-                row = {
-                    "method": label,
-                    "buffer": config.capacity,
-                    "slowdown": 1.0 if s is None else s,
-                    "seed": seed,
-                    "test_acc_last": last,
-                    "test_acc_ensemble": ens,
-                    **extra,
-                    "wall_s_incl_compile": wall,
-                    **mem,
-                    **{f"stage_{name}": np.asarray(v).tolist() for name, v in summ.items()},
-                }
-                runs.append(row)
-                print(
-                    f"{label:8s} M={config.capacity:3d} S={row['slowdown']:.2f} seed={seed} "
-                    f"acc={last:.4f} ens={ens:.4f} {wall:.1f}s "
-                    f"buffers {mem['stored_bytes']} B{' (packed VQ)' if coded else ''}, "
-                    f"x{mem['buffer_memory_factor']:.1f} less than float32 updates={row['stage_updates']} "
-                    f"staleness={np.round(summ['mean_staleness'], 2).tolist()} "
-                    f"reuse={np.round(summ['mean_reuse'], 2).tolist()}",
-                    flush=True,
-                )
-                write(make_result(runs), Path(args.out))  # partial results survive an interrupted grid
-    result = make_result(runs)
-    write(result, Path(args.out))
+            add("async_rr", m, None, seed, False, True)  # the cause of async's gap at S=1: random vs round-robin
+            for s in args.slowdowns:
+                add("async", m, s, seed, False, False)
+                if vq_stages is not None:
+                    add("async_vq", m, s, seed, True, False)
+    ident = {**make_header(), "experiment": "async_buffer"}
+    for key in ("seeds", "slowdowns", "buffers", "command"):  # a grid may grow in these
+        ident.pop(key)
+    out = Path(args.out)
+    try:
+        run_grid(out.with_suffix(".json"), ident, cells, make_header())
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except GridError as e:
+        p.error(str(e))
+    finally:
+        if out.with_suffix(".json").exists():
+            saved = json.loads(out.with_suffix(".json").read_text())
+            if saved.get("cells"):
+                write(with_runs(saved), out)
+    result = with_runs(json.loads(out.with_suffix(".json").read_text()))
+    result["wall_s"] = time.perf_counter() - t_start
     return result
+
+
+def with_runs(grid: dict) -> dict:
+    """The grid with ``runs``: its cells as a list of rows (what the markdown and the tests read)."""
+    return {**grid, "runs": list(grid["cells"].values())}
 
 
 def boundary_distortion_sums(stages, states, x):
@@ -286,7 +303,6 @@ def evaluate_distortion(fn, states, images, chunk=1000) -> list[float]:
 def write_vq_outputs(result: dict, out: Path) -> None:
     """``async_vq.{json,md}``: float vs VQ-code buffers for each (M, S) cell."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
     b, v = result["budget"], result["vq"]
     lines = [
         f"# Asynchronous DGL with replay buffers of VQ codes ({result['dataset']})",
@@ -298,8 +314,7 @@ def write_vq_outputs(result: dict, out: Path) -> None:
         f"(K={v['num_codes']} codes of dimension d={v['code_dim']} per channel group, sender-side EMA codebooks, "
         f"decay {v['decay']}); each buffered item is a self-contained wire: the codes packed to "
         f"{v['bits_per_code']} bits each in uint8 bytes plus the float32 codebook they index, and the labels; the "
-        f"receiver decodes at read time. Machine: {result['machine']['processor']}, "
-        f"{result['machine']['cpu_count']} CPUs, jax {result['machine']['jax']}; wall time {result['wall_s']:.0f} s.",
+        f"receiver decodes at read time. {provenance_line(result)}",
         "",
         "Accuracy: test set, last head and weighted ensemble; the VQ runs are evaluated with every boundary "
         "encoded by the sender's codec and decoded by the receiver (as deployed; the same weights with float "
@@ -329,35 +344,72 @@ def write_vq_outputs(result: dict, out: Path) -> None:
     write_atomic(out.with_suffix(".md"), "\n".join(lines))
 
 
-def table(result: dict) -> tuple[list[float], dict, float, float]:
+def provenance_line(result: dict) -> str:
+    """Machines, commits and the summed wall time of the grid's cells."""
+    cells = result["runs"]
+    shas = ", ".join(str(x)[:10] for x in result.get("git_shas", [])) or "?"
+    return (
+        f"Machine: {'; '.join(result.get('machines', [])) or '?'} (shared 2-vCPU box); git {shas}; "
+        f"wall time {sum(c['wall_s'] for c in cells):.0f} s over {len(cells)} cells."
+    )
+
+
+def _mean_std(values: list[float]) -> tuple[float, float, int]:
+    if not values:
+        return np.nan, np.nan, 0
+    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+
+
+def table(result: dict, method: str = "async") -> tuple[list[float], dict, float, float]:
+    """``(slowdowns, {M: [(mean, std, n) per S]}, sync mean, sync std)`` of the last head's test accuracy."""
     runs = result["runs"]
-    sync = [r["test_acc_last"] for r in runs if r["method"] == "sync_dgl"]
     grid = {}
     for m in result["buffers"]:
-        grid[m] = []
-        for s in result["slowdowns"]:
-            accs = [
-                r["test_acc_last"] for r in runs if r["method"] == "async" and r["buffer"] == m and r["slowdown"] == s
-            ]
-            grid[m].append((float(np.mean(accs)), float(np.std(accs)), len(accs)) if accs else (np.nan, np.nan, 0))
-    if not sync:
-        return result["slowdowns"], grid, np.nan, np.nan
-    return result["slowdowns"], grid, float(np.mean(sync)), float(np.std(sync))
+        grid[m] = [
+            _mean_std([r["test_acc_last"] for r in runs if (r["method"], r["buffer"], r["slowdown"]) == (method, m, s)])
+            for s in result["slowdowns"]
+        ]
+    sync_mean, sync_std, _ = _mean_std([r["test_acc_last"] for r in runs if r["method"] == "sync_dgl"])
+    return result["slowdowns"], grid, sync_mean, sync_std
 
 
-def first_drop(slowdowns: list[float], row: list[tuple], reference: float, drop: float) -> float | None:
-    """The smallest slow-down S from which accuracy stays more than ``drop`` below ``reference``; None if
-    it never does (a single noisy dip followed by recovery is not counted)."""
-    accs = [a for a, _, _ in row]
+def first_drop(
+    slowdowns: list[float], row: list[tuple], reference: float, drop: float, reference_std: float = 0.0
+) -> float | None:
+    """The smallest slow-down S from which accuracy stays more than ``drop`` below ``reference`` and beyond the
+    seeds' spread (mean +- std intervals apart); None if it never does (a single dip followed by recovery is
+    not counted)."""
     for i, s in enumerate(slowdowns):
-        if all(np.isfinite(a) and a < reference - drop for a in accs[i:]):
+        if all(np.isfinite(a) and a < reference - max(drop, sd + reference_std) for a, sd, _ in row[i:]):
             return s
     return None
 
 
+def cause_lines(result: dict, sync_mean: float, sync_std: float) -> list[str]:
+    """The measured cause of async's gap to synchronous DGL at S=1: the same buffers under round-robin, and the
+    spread of the per-stage update counts under the paper's random schedule."""
+    runs = result["runs"]
+    lines = [
+        "",
+        "Cause of the gap at S=1 (measured): the same buffers with a round-robin schedule instead of the paper's "
+        "random one, and the per-stage update counts (min-max over stages, mean over seeds):",
+        "",
+    ]
+    for m in result["buffers"]:
+        rr = _mean_std([r["test_acc_last"] for r in runs if (r["method"], r["buffer"]) == ("async_rr", m)])
+        rnd = [r for r in runs if (r["method"], r["buffer"], r["slowdown"]) == ("async", m, 1.0)]
+        counts = [(min(r["stage_updates"]), max(r["stage_updates"])) for r in rnd]
+        spread = f"{np.mean([a for a, _ in counts]):.0f}-{np.mean([b for _, b in counts]):.0f}" if counts else "-"
+        rand = _mean_std([r["test_acc_last"] for r in rnd])
+        lines.append(
+            f"- M={m}: round-robin {rr[0]:.4f} +- {rr[1]:.4f} ({rr[2]} seeds), random schedule {rand[0]:.4f} +- "
+            f"{rand[1]:.4f}; synchronous {sync_mean:.4f} +- {sync_std:.4f}; updates per stage (random) {spread}"
+        )
+    return lines
+
+
 def write_outputs(result: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(out.with_suffix(".json"), json.dumps(result, indent=1))
     slowdowns, grid, sync_mean, sync_std = table(result)
     b = result["budget"]
     lines = [
@@ -366,8 +418,7 @@ def write_outputs(result: dict, out: Path) -> None:
         f"Test accuracy of the last head (mean +- std over seeds {result['seeds']}); {result['model']['stages']}-stage "
         f"CNN widths {result['model']['widths']}; {b['ticks']} ticks (~{b['updates_per_stage_nominal']} updates "
         f"per stage), batch {b['batch']}, {b['train_size']} training images, {b['optimizer']}; policy "
-        f"{result['policy']}. Machine: {result['machine']['processor']}, {result['machine']['cpu_count']} CPUs "
-        f"(shared), jax {result['machine']['jax']}; wall time {result['wall_s']:.0f} s.",
+        f"{result['policy']}. {provenance_line(result)}",
         "",
         f"Synchronous DGL (round-robin, M=1): **{sync_mean:.4f}** +- {sync_std:.4f}",
         "",
@@ -377,11 +428,17 @@ def write_outputs(result: dict, out: Path) -> None:
     for m, row in grid.items():
         lines.append(f"| {m} | " + " | ".join(f"{a:.4f} +- {sd:.4f}" for a, sd, _ in row) + " |")
     drop = result["drop_threshold"]
-    lines += ["", f"Where accuracy starts to drop (stays more than {100 * drop:g} points below the reference):", ""]
+    lines += [
+        "",
+        f"Where accuracy starts to drop (stays more than {100 * drop:g} points below the reference, and beyond the "
+        "seeds' spread):",
+        "",
+    ]
     for m, row in grid.items():
-        vs_sync = first_drop(slowdowns, row, sync_mean, drop)
-        vs_s1 = first_drop(slowdowns, row, row[0][0], drop) if slowdowns and slowdowns[0] == 1.0 else None
+        vs_sync = first_drop(slowdowns, row, sync_mean, drop, sync_std)
+        vs_s1 = first_drop(slowdowns, row, row[0][0], drop, row[0][1]) if slowdowns and slowdowns[0] == 1.0 else None
         lines.append(f"- M={m}: vs synchronous DGL from S = {vs_sync}; vs the same M at S=1 from S = {vs_s1}")
+    lines += cause_lines(result, sync_mean, sync_std)
     lines += ["", "Command:", "", "```", result["command"], "```", ""]
     write_atomic(out.with_suffix(".md"), "\n".join(lines))
     import matplotlib
