@@ -256,7 +256,9 @@ def vq(
     * ``decode(wire)``: the centroids ``float32 [batch, ..., C]`` of the (unpacked) codes.
 
     ``packed=True`` sends the codes as :class:`PackedBits` of ``ceil(log2 K)`` bits each. Name:
-    ``"vq:K:d"`` / ``"vq-packed:K:d"`` with ``code_dim``, ``"vq:K:gG"`` / ``"vq-packed:K:gG"`` with ``groups``.
+    ``"vq:K:d"`` / ``"vq-packed:K:d"`` with ``code_dim``, ``"vq:K:gG"`` / ``"vq-packed:K:gG"`` with ``groups``,
+    followed by ``:init=...``, ``:decay=...``, ``:restart=...`` where they differ from :data:`VQ_DEFAULTS`
+    (the name is a spec :func:`parse_codec` reads back).
     """
     if (code_dim is None) == (groups is None):
         raise ValueError(f"vq codec: give exactly one of code_dim or groups, got code_dim={code_dim}, groups={groups}")
@@ -270,10 +272,15 @@ def vq(
         raise ValueError(f"vq codec: decay must be in [0, 1), got {decay}")
     if not eps >= 0.0:
         raise ValueError(f"vq codec: eps must be >= 0, got {eps}")
+    if not restart_threshold >= 0.0:
+        raise ValueError(f"vq codec: restart threshold must be >= 0, got {restart_threshold}")
     num_codes = int(num_codes)
     bits = vqmath.index_bits(num_codes)
     tag = f"{code_dim}" if code_dim is not None else f"g{groups}"
-    name = f"{'vq-packed' if packed else 'vq'}:{num_codes}:{tag}"
+    options = {"init": init, "decay": float(decay), "restart": float(restart_threshold)}
+    suffix = "".join(f":{k}={v:g}" if isinstance(v, float) else f":{k}={v}" for k, v in options.items()
+                     if v != VQ_DEFAULTS[k])  # fmt: skip
+    name = f"{'vq-packed' if packed else 'vq'}:{num_codes}:{tag}{suffix}"
     method = init
 
     def init_fn(example: PyTree, key: jax.Array | None = None) -> VQCodecState:
@@ -315,12 +322,16 @@ def vq(
 # Specs and checks
 # ----------------------------------------------------------------------------------------------------------
 CODEC_SYNTAX: str = (
-    "identity (also float32, none) | bfloat16 | vq:K:d | vq-packed:K:d | vq:K:gG | vq-packed:K:gG "
-    "(K codes >= 2, d = code dim dividing the channels, G = groups; vq-packed sends ceil(log2 K) bits per code)"
+    "identity (also float32, none) | bfloat16 | vq:K:d | vq-packed:K:d | vq:K:gG | vq-packed:K:gG, then optional "
+    ":init=sample|kmeans++ :decay=D :restart=T "
+    "(K codes >= 2, d = code dim dividing the channels, G = groups; vq-packed sends ceil(log2 K) bits per code; "
+    "init: codebook seeding from the first message, decay: EMA decay in [0, 1), restart: dead-code threshold, 0 off)"
 )
 """Syntax of the codec specs :func:`parse_codec` accepts."""
 
-_VQ_SPEC = re.compile(r"(vq|vq-packed):(-?\d+):(g?)(\d+)")
+_VQ_SPEC = re.compile(r"(vq|vq-packed):(-?\d+):(g?)(\d+)((?::[a-z]+=[^:]*)*)")
+VQ_DEFAULTS = {"init": "sample", "decay": 0.99, "restart": 1e-2}
+"""The VQ codec options of a spec and their defaults (a name shows only the options that differ)."""
 
 
 def parse_codec(spec: str) -> Codec:
@@ -344,6 +355,19 @@ def parse_codec(spec: str) -> Codec:
         what = "number of groups G" if is_groups else "code dim d"
         raise ValueError(f"bad codec spec {spec!r}: the {what} must be >= 1; expected {CODEC_SYNTAX}")
     kw = {"groups": v} if is_groups else {"code_dim": v}
+    for item in filter(None, m.group(5).split(":")):
+        key, value = item.split("=", 1)
+        if key not in VQ_DEFAULTS:
+            raise ValueError(f"bad codec spec {spec!r}: unknown option {key!r}; expected {CODEC_SYNTAX}")
+        if key == "init":
+            kw["init"] = value
+            continue
+        try:
+            kw["decay" if key == "decay" else "restart_threshold"] = float(value)
+        except ValueError:
+            raise ValueError(
+                f"bad codec spec {spec!r}: {key}={value!r} is not a number; expected {CODEC_SYNTAX}"
+            ) from None
     try:
         return vq(k, packed=kind == "vq-packed", **kw)
     except ValueError as e:

@@ -45,7 +45,7 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 BASELINE = "float32"  # the member name of the unquantized DGL baseline
 MODES = ("auto", "vmap", "loop")
-_VQ_NAME = re.compile(r"(vq|vq-packed):(\d+):(g?)(\d+)")
+_VQ_NAME = re.compile(r"(vq|vq-packed):(\d+):(g?)(\d+)((?::[a-z]+=[^:]*)*)")
 
 
 class SweepError(ValueError):
@@ -141,16 +141,25 @@ def vq_config(name: str) -> tuple[Any, bool]:
     if m is None:
         raise SweepError(f"{name!r} is not a VQ codec name")
     k, v = int(m.group(2)), int(m.group(4))
-    cfg = VQConfig(num_codes=k, groups=v, code_dim=None) if m.group(3) else VQConfig(num_codes=k, code_dim=v)
-    return cfg, m.group(1) == "vq-packed"
+    opts = dict(item.split("=", 1) for item in filter(None, m.group(5).split(":")))
+    kw = dict(
+        init=opts.get("init", "sample"),
+        decay=float(opts.get("decay", 0.99)),
+        restart_threshold=float(opts.get("restart", 1e-2)),
+    )
+    layout = dict(num_codes=k, groups=v, code_dim=None) if m.group(3) else dict(num_codes=k, code_dim=v)
+    return VQConfig(**layout, **kw), m.group(1) == "vq-packed"
 
 
 def group_of(name: str) -> str:
-    """The group (compiled program) of a codec: its layout, ``d4`` or ``g2``; the baseline's is ``float32``."""
+    """The group (compiled program) of a codec: its layout and options, ``d4`` or ``g2:decay=0.9``; the
+    baseline's is ``float32``."""
     if name == BASELINE:
         return BASELINE
+    m = _VQ_NAME.fullmatch(name)
     cfg, _ = vq_config(name)
-    return f"d{cfg.code_dim}" if cfg.code_dim is not None else f"g{cfg.groups}"
+    layout = f"d{cfg.code_dim}" if cfg.code_dim is not None else f"g{cfg.groups}"
+    return layout + m.group(5)
 
 
 def group_codecs(names: Sequence[str]) -> dict[str, list[str]]:

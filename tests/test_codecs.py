@@ -233,6 +233,9 @@ def test_vq_rejects_bad_messages():
         ("vq:256:16", "vq:256:16"),
         ("vq-packed:16:4", "vq-packed:16:4"),
         ("vq:16:g8", "vq:16:g8"),
+        ("vq-packed:64:16:init=kmeans++:decay=0.95:restart=0", "vq-packed:64:16:init=kmeans++:decay=0.95:restart=0"),
+        ("vq:16:4:decay=0.99:init=sample", "vq:16:4"),  # defaults are left out of the name
+        ("vq:16:g2:restart=0.001", "vq:16:g2:restart=0.001"),
     ],
 )
 def test_parse_codec(spec, name):
@@ -241,7 +244,11 @@ def test_parse_codec(spec, name):
     assert codecs.parse_codec(c.name).name == name
 
 
-@pytest.mark.parametrize("spec", ["", "vq", "vq:16", "vq:x:4", "vq:16:4:2", "fp8", "vq-packed:16:0", "vq:1:4"])
+@pytest.mark.parametrize(
+    "spec",
+    ["", "vq", "vq:16", "vq:x:4", "vq:16:4:2", "fp8", "vq-packed:16:0", "vq:1:4", "vq:16:4:foo=1",
+     "vq:16:4:decay=x", "vq:16:4:decay=1.5", "vq:16:4:init=zz", "vq:16:4:restart=-1"],
+)  # fmt: skip
 def test_parse_codec_bad_specs(spec):
     with pytest.raises(ValueError) as e:
         codecs.parse_codec(spec)
@@ -269,3 +276,17 @@ def test_check_decoded():
     with pytest.raises(ValueError, match="boundary 3") as e:  # the codec rejects the message
         codecs.check_decoded(codecs.parse_codec("vq:16:5"), ex, ex, "boundary 3")
     assert "\n" not in str(e.value) and "32 channels" in str(e.value)
+
+
+def test_codec_options_change_the_codec():
+    """``:decay=0`` makes the EMA codebook the mean of the vectors assigned to each code after one update; the
+    default decay moves it less."""
+    x = jax.random.normal(jax.random.key(1), (64, 4, 4, 8))
+    fast, slow = codecs.parse_codec("vq:16:8:decay=0:restart=0"), codecs.parse_codec("vq:16:8:restart=0")
+    moved = []
+    for c in (fast, slow):
+        st = c.init(x, jax.random.key(0))
+        st1, _ = c.encode(st, x)  # seeds from x, then one EMA step
+        st2, _ = c.encode(st1, x)
+        moved.append(float(jnp.abs(st2.codebook - st1.codebook).max()))
+    assert moved[0] > 2 * moved[1] > 0  # equal if the option were ignored

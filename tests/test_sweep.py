@@ -146,3 +146,11 @@ def test_sweep_is_a_command_of_the_cli(tmp_path, capsys):
     assert cli_main(["sweep", "--codecs", "vq-packed:1:4", "--out", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "K" in err[0] and not (tmp_path / "s").exists()
+
+
+def test_codec_options_reach_the_swept_quantizer():
+    name = sw.parse_codecs("vq-packed:16:4:init=kmeans++:decay=0.9:restart=0")[0]
+    cfg, packed = sw.vq_config(name)
+    assert (cfg.init, cfg.decay, cfg.restart_threshold, packed) == ("kmeans++", 0.9, 0.0, True)
+    assert cfg.codec(packed).name == name  # bytes are measured on the same codec
+    assert sw.group_of(name) == "d4:init=kmeans++:decay=0.9:restart=0" != sw.group_of("vq-packed:16:4")
