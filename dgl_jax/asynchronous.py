@@ -31,17 +31,23 @@ A communication delay of ``d`` ticks between stages is :attr:`AsyncConfig.delay`
 with a VQ codec. Wires are self-contained, so an item decodes to what its sender meant however long it
 waited. :func:`dgl_jax.accounting.buffer_memory` gives the bytes of the stored items.
 
-**Real asynchrony.** :func:`run_threaded`: one Python thread per stage (the thread machinery of
-:mod:`dgl_jax.parallel`: :class:`~dgl_jax.parallel.Workers`, :class:`~dgl_jax.parallel.Channel`), stage j's
-state and its input buffer committed to its own device; a stage waits only when its buffer has nothing to
-sample. Worker errors propagate to the caller; ``KeyboardInterrupt`` and timeouts stop every thread.
+**Real asynchrony.** Every wall-clock executor runs :func:`stage_loop` once per stage with the programs of
+:func:`compile_stage` (the same jitted :func:`~dgl_jax.steps.stage_step` and codec functions), wires
+arriving through an :class:`Inbox` (bounded, with an optional injected link latency).
+:func:`run_threaded`: one Python thread per stage (the thread machinery of :mod:`dgl_jax.parallel`:
+:class:`~dgl_jax.parallel.Workers`), stage j's state and its input buffer committed to its own device; a
+stage waits only when its buffer has nothing to sample. Worker errors propagate to the caller;
+``KeyboardInterrupt`` and timeouts stop every thread. :mod:`dgl_jax.ray_executor` runs the same loops in Ray
+actors, one per stage, across processes and machines.
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import queue
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -413,9 +419,234 @@ def summarize(records: AsyncRecords, tail: float = 0.1) -> dict[str, np.ndarray]
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Real asynchrony: one thread per stage, each on its own device
+# Real asynchrony: one loop per stage (a thread here, a Ray actor in dgl_jax.ray_executor)
 # ----------------------------------------------------------------------------------------------------------
-_END = object()
+class _End:
+    def __repr__(self) -> str:
+        return "END"
+
+
+END = _End()  # what a stage sends on its link once it has taken its last update of a run
+
+
+class Inbox:
+    """A stage's incoming link: a bounded FIFO of items, each readable ``delay_s`` seconds after it was put
+    (an injected link latency; items stay in order). ``maxsize`` (None: unbounded) counts the items in flight
+    and waiting: when it is reached, ``put`` waits for the consumer (back-pressure: lock-step runs) or, with
+    ``drop_oldest``, drops the oldest item (free-running runs: the replay buffer would overwrite it anyway;
+    :attr:`dropped` counts them). :data:`END` is never dropped and never waits. Waits poll ``stop`` every
+    ``poll_s`` and raise :class:`~dgl_jax.parallel.Stopped` once it is set."""
+
+    def __init__(
+        self,
+        maxsize: int | None = None,
+        delay_s: float = 0.0,
+        drop_oldest: bool = False,
+        stop: threading.Event | None = None,
+        poll_s: float = 0.05,
+    ):
+        if maxsize is not None and maxsize < 1:
+            raise ValueError(f"inbox maxsize must be >= 1 or None, got {maxsize}")
+        if not delay_s >= 0:
+            raise ValueError(f"link delay must be >= 0 seconds, got {delay_s}")
+        self.maxsize, self.delay_s, self.drop_oldest = maxsize, float(delay_s), drop_oldest
+        self.stop = threading.Event() if stop is None else stop
+        self.poll_s = poll_s
+        self.dropped = 0
+        self._items: collections.deque = collections.deque()
+        self._cond = threading.Condition()
+
+    def __len__(self) -> int:
+        with self._cond:
+            return len(self._items)
+
+    def _check_stop(self) -> None:
+        if self.stop.is_set():
+            from dgl_jax.parallel import Stopped
+
+            raise Stopped
+
+    def put(self, item: Any) -> None:
+        """Appends ``item`` (readable from now + ``delay_s``), waiting or dropping as described above."""
+        with self._cond:
+            while item is not END and self.maxsize is not None and len(self._items) >= self.maxsize:
+                old = next((i for i, (_, it) in enumerate(self._items) if it is not END), None)
+                if self.drop_oldest and old is not None:
+                    del self._items[old]
+                    self.dropped += 1
+                    break
+                self._check_stop()
+                self._cond.wait(self.poll_s)
+            self._items.append((time.monotonic() + self.delay_s, item))
+            self._cond.notify_all()
+
+    def get_nowait(self) -> Any:
+        """The oldest item if it has arrived, else raises ``queue.Empty``."""
+        with self._cond:
+            if self._items and self._items[0][0] <= time.monotonic():
+                item = self._items.popleft()[1]
+                self._cond.notify_all()
+                return item
+        raise queue.Empty
+
+    def get(self) -> Any:
+        """The oldest item, waiting for it to arrive."""
+        with self._cond:
+            while True:
+                self._check_stop()
+                wait = self._items[0][0] - time.monotonic() if self._items else self.poll_s
+                if self._items and wait <= 0:
+                    item = self._items.popleft()[1]
+                    self._cond.notify_all()
+                    return item
+                self._cond.wait(min(wait, self.poll_s))
+
+
+class StageProgram(NamedTuple):
+    """Stage j's functions, compiled once for its device: ``split`` (its key stream), and either ``step``
+    (stage 0: :func:`~dgl_jax.steps.stage_step` on a fresh batch) or ``consume`` (stage j > 0: sample its
+    replay buffer, decode with boundary j-1's codec, :func:`~dgl_jax.steps.stage_step`) and ``push`` (an
+    arrived item into the buffer). ``item_bytes``: ``nbytes`` of the ``(wire, targets)`` item the stage
+    sends per update (0 for the last stage)."""
+
+    split: Callable
+    step: Callable | None
+    consume: Callable | None
+    push: Callable | None
+    item_bytes: int
+
+
+def compile_stage(
+    stages: Sequence[Stage],
+    j: int,
+    config: AsyncConfig,
+    state: StageState,
+    buf: buffer.BufferState | None,
+    x: PyTree,
+    targets: PyTree,
+    key: jax.Array,
+) -> StageProgram:
+    """Compiles stage ``j``'s :class:`StageProgram` for the device that holds ``state`` (and ``buf``, its input
+    buffer, None for stage 0), ``key`` and, for stage 0, the example batch ``x`` / ``targets`` (placed
+    arrays, or ``ShapeDtypeStruct`` s: then for the default device)."""
+    from dgl_jax.accounting import nbytes
+
+    split = jax.jit(jax.random.split)
+    if j == 0:
+        step = jax.jit(functools.partial(stage_step, stages[0]), donate_argnums=0).lower(state, x, targets, key)
+        out = jax.eval_shape(functools.partial(stage_step, stages[0]), state, x, targets, key)[1]
+        return StageProgram(split, step.compile(), None, None, nbytes((out, targets)) if len(stages) > 1 else 0)
+    consume = jax.jit(functools.partial(_consume, stages[j], stages[j - 1], config), donate_argnums=(0, 1))
+    item = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype, sharding=_sharding(a)), buf.items)
+    push = jax.jit(lambda b, it: buffer.push(b, it), donate_argnums=0)
+    out = jax.eval_shape(functools.partial(_consume, stages[j], stages[j - 1], config), state, buf, key)[2]
+    return StageProgram(
+        split,
+        None,
+        consume.lower(state, buf, key).compile(),
+        push.lower(buf, item).compile(),
+        nbytes(out) if j < len(stages) - 1 else 0,
+    )
+
+
+def _sharding(a: Any) -> Any:
+    """The single-device sharding of a committed array (None for a ``ShapeDtypeStruct``: the default device)."""
+    return a.sharding if isinstance(a, jax.Array) else getattr(a, "sharding", None)
+
+
+class LoopResult(NamedTuple):
+    """What :func:`stage_loop` leaves: the stage's ``state``, input ``buf`` and ``key``, ``updates`` taken,
+    ``records`` (one ``(loss, accuracy, age, reuse)`` per update, device scalars), ``upstream_done`` (the
+    stage below sent :data:`END`) and ``busy_s`` (seconds spent in its own updates, injected slow-down
+    included, waits for input excluded)."""
+
+    state: StageState
+    buf: buffer.BufferState | None
+    key: jax.Array
+    updates: int
+    records: list[tuple]
+    upstream_done: bool
+    busy_s: float
+
+
+def stage_loop(
+    j: int,
+    program: StageProgram,
+    state: StageState,
+    buf: buffer.BufferState | None,
+    key: jax.Array,
+    num_updates: int,
+    *,
+    device: jax.Device,
+    batch: Callable[[int], tuple[Any, Any]] | None = None,
+    inbox: Inbox | None = None,
+    send: Callable[[PyTree], None] | None = None,
+    lockstep: bool = False,
+    slowdown: float = 1.0,
+    slow_extra_s: float = 0.0,
+    stop: threading.Event | None = None,
+    on_update: Callable[[int, StageState, jax.Array], None] | None = None,
+) -> LoopResult:
+    """Stage ``j``'s loop, the same for every wall-clock executor: up to ``num_updates`` updates, each with
+    the next key of ``split(key)``. Stage 0 trains on ``batch(n)`` (host ``(x, targets)``, its n-th update of
+    this call); stage j > 0 moves what has arrived in ``inbox`` into its replay buffer ``buf`` (on
+    ``device``) and takes one step on an item the buffer's policy picks. Free-running, it waits only when the
+    buffer has nothing to sample (and stops early once :data:`END` came and nothing can be sampled);
+    ``lockstep=True`` takes exactly one new item per update (every wire consumed once, in order: pipelined
+    synchronous DGL). After each update the ``(wire, targets)`` item goes to ``send`` (None for the last
+    stage), ``on_update(updates, state, key)`` is called (checkpoints), and the stage sleeps ``(slowdown -
+    1)`` times the update's own time plus ``slow_extra_s`` (injected slow-down). ``stop`` (set) ends the
+    loop after the current update. The caller sends :data:`END` if it wants to."""
+    records: list[tuple] = []
+    n, upstream_done, busy = 0, False, 0.0
+    while n < num_updates and not (stop is not None and stop.is_set()):
+        key, sub = program.split(key)
+        if j == 0:
+            x, y = batch(n)
+            t0 = time.perf_counter()
+            y = jax.device_put(y, device)
+            state, wire, m = program.step(state, jax.device_put(x, device), y, sub)
+            rec = (m["loss"], m["accuracy"], 0, 0)
+        else:
+            if lockstep:
+                item = inbox.get()
+                if item is END:
+                    upstream_done = True
+                    break
+                buf = program.push(buf, jax.device_put(item, device))
+            else:
+                while True:  # what has arrived goes into the ring buffer, without waiting
+                    try:
+                        item = inbox.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is END:
+                        upstream_done = True
+                    else:
+                        buf = program.push(buf, jax.device_put(item, device))
+            t0 = time.perf_counter()
+            state, buf, (wire, y), loss, acc, ok, age, reuse = program.consume(state, buf, sub)
+            if not bool(ok):  # nothing to sample: wait for the stage below (or give up if it is done)
+                if upstream_done or lockstep:
+                    break
+                item = inbox.get()
+                if item is END:
+                    upstream_done = True
+                else:
+                    buf = program.push(buf, jax.device_put(item, device))
+                continue
+            rec = (loss, acc, age, reuse)
+        n += 1
+        records.append(rec)
+        if send is not None:
+            send((wire, y))
+        if on_update is not None:
+            on_update(n, state, key)
+        if slowdown > 1.0 or slow_extra_s > 0:
+            jax.block_until_ready(rec[0])
+            time.sleep((slowdown - 1.0) * (time.perf_counter() - t0) + slow_extra_s)
+        busy += time.perf_counter() - t0
+    return LoopResult(state, buf, key, n, records, upstream_done, busy)
 
 
 class ThreadedResult(NamedTuple):
@@ -423,7 +654,9 @@ class ThreadedResult(NamedTuple):
     taken), and per stage lists (host numpy) of ``loss``, ``accuracy``, ``age`` (how many newer batches had
     arrived in the buffer when the consumed one was read; 0 for stage 0) and ``reuse`` (earlier reads of it),
     plus the wall time ``seconds`` and ``bytes_sent`` ``[K]`` (the ``nbytes`` of the wires each stage put on
-    its outgoing link, counted from the transferred arrays)."""
+    its outgoing link, counted from the transferred arrays); ``buffers`` (stage j's input buffer at the end,
+    None for stage 0: pass them to the next call to carry on), ``dropped`` ``[K]`` (items dropped on stage
+    j's full inbox) and ``busy_s`` ``[K]`` (seconds each stage spent in its own updates)."""
 
     states: list[StageState]
     updates: np.ndarray
@@ -433,6 +666,9 @@ class ThreadedResult(NamedTuple):
     reuse: list[np.ndarray]
     seconds: float
     bytes_sent: np.ndarray
+    buffers: list[buffer.BufferState | None] | None = None
+    dropped: np.ndarray | None = None
+    busy_s: np.ndarray | None = None
 
 
 def _consume(stage: Stage, sender: Stage, config: AsyncConfig, state: StageState, buf: buffer.BufferState, key):
@@ -452,6 +688,26 @@ def _consume(stage: Stage, sender: Stage, config: AsyncConfig, state: StageState
     return state, buf, (wire_out, y), m["loss"], m["accuracy"], ok, age, reuse
 
 
+def check_wallclock(
+    num_stages: int, slow_stage: int | None, slowdown: float, slow_extra_s: float, link_delay_s: float
+) -> None:
+    """``ValueError`` (one line) for a bad injected slow-down or link delay of a wall-clock run."""
+    _check_stage(slow_stage, num_stages)
+    _check_slowdown(slowdown)
+    if not slow_extra_s >= 0:
+        raise ValueError(f"slow_extra_s must be >= 0, got {slow_extra_s}")
+    if not link_delay_s >= 0:
+        raise ValueError(f"link delay must be >= 0 seconds, got {link_delay_s}")
+
+
+def update_counts(num_updates: int | Sequence[int], num_stages: int) -> list[int]:
+    """``num_updates`` as K ints >= 0 (one int: the same for every stage)."""
+    n_up = [int(num_updates)] * num_stages if np.ndim(num_updates) == 0 else [int(n) for n in num_updates]
+    if len(n_up) != num_stages or min(n_up) < 0:
+        raise ValueError(f"num_updates must be one int >= 0 or {num_stages} of them, got {num_updates}")
+    return n_up
+
+
 def run_threaded(
     stages: Sequence[Stage],
     states: Sequence[StageState],
@@ -462,23 +718,31 @@ def run_threaded(
     devices: Sequence[jax.Device] | None = None,
     slow_stage: int | None = None,
     slow_extra_s: float = 0.0,
+    slowdown: float = 1.0,
+    link_delay_s: float = 0.0,
+    lockstep: bool = False,
+    queue_size: int | None = None,
+    buffers: Sequence[buffer.BufferState | None] | None = None,
     timeout_s: float | None = 600.0,
     key: jax.Array | None = None,
 ) -> ThreadedResult:
-    """Asynchronous DGL for real: stage j runs in its own thread on ``devices[j % len(devices)]`` and takes
-    ``num_updates[j]`` steps (an int: the same for all). Stage 0 cycles through ``batches`` (host
-    ``(x, targets)``); stage j > 0 samples from its own replay buffer of wires (on its device, ``config``
-    gives capacity/policy/max_reuse), which the stage below fills by sending its wire (``device_put`` to
-    stage j's device, through a :class:`~dgl_jax.parallel.Channel`). Each step's key comes from splitting
-    stage j's key ``fold_in(key, j)``.
+    """Asynchronous DGL for real: stage j runs :func:`stage_loop` in its own thread on
+    ``devices[j % len(devices)]`` and takes ``num_updates[j]`` steps (an int: the same for all). Stage 0
+    cycles through ``batches`` (host ``(x, targets)``); stage j > 0 samples from its own replay buffer of
+    wires (on its device, ``config`` gives capacity/policy/max_reuse; ``buffers`` continues from those of an
+    earlier call), which the stage below fills by sending its wire (``device_put`` to stage j's device,
+    through an :class:`Inbox` of ``queue_size`` items, None: unbounded; ``link_delay_s`` seconds of injected
+    latency). Each step's key comes from splitting stage j's key ``fold_in(key, j)``.
 
-    A stage waits only when its buffer has nothing to sample; if the stage below has finished and nothing
-    can be sampled, it stops early (``updates[j] < num_updates[j]``). ``slow_stage`` sleeps ``slow_extra_s``
-    seconds after each of its steps (an injected slow-down). Every function is compiled in the calling thread
-    before any worker starts (jax#17457). A worker exception is re-raised here, ``KeyboardInterrupt`` or
-    ``timeout_s`` stop every thread (:class:`~dgl_jax.parallel.Workers`). ``states`` are copied, not donated.
+    Free-running, a stage waits only when its buffer has nothing to sample; if the stage below has finished
+    and nothing can be sampled, it stops early (``updates[j] < num_updates[j]``); a full inbox drops its
+    oldest item. ``lockstep=True`` consumes every wire exactly once, in order (a full inbox makes the sender
+    wait): with one-item buffers this is pipelined synchronous DGL. ``slow_stage`` is slowed ``slowdown``
+    times (it sleeps ``slowdown - 1`` times each update's duration) plus ``slow_extra_s`` seconds per update.
+    Every function is compiled in the calling thread before any worker starts (jax#17457). A worker exception
+    is re-raised here, ``KeyboardInterrupt`` or ``timeout_s`` stop every thread
+    (:class:`~dgl_jax.parallel.Workers`). ``states`` (and ``buffers``) are copied, not donated.
     """
-    from dgl_jax.accounting import nbytes
     from dgl_jax.parallel import Workers  # the shared thread machinery (stop event, error propagation)
 
     k = len(stages)
@@ -486,12 +750,8 @@ def run_threaded(
         raise ValueError(f"got {len(stages)} stages but {len(states)} states")
     if not batches:
         raise ValueError("run_threaded needs at least one batch")
-    _check_stage(slow_stage, k)
-    if slow_extra_s < 0:
-        raise ValueError(f"slow_extra_s must be >= 0, got {slow_extra_s}")
-    n_up = [int(num_updates)] * k if np.ndim(num_updates) == 0 else [int(n) for n in num_updates]
-    if len(n_up) != k or min(n_up) < 0:
-        raise ValueError(f"num_updates must be one int >= 0 or {k} of them, got {num_updates}")
+    check_wallclock(k, slow_stage, slowdown, slow_extra_s, link_delay_s)
+    n_up = update_counts(num_updates, k)
     devices = list(jax.devices() if devices is None else devices)
     devs = [devices[j % len(devices)] for j in range(k)]
     key = jax.random.key(0) if key is None else key
@@ -500,77 +760,64 @@ def run_threaded(
     x0, y0 = jnp.asarray(batches[0][0]), jnp.asarray(batches[0][1])
     items = buffer_items(stages, states, x0, y0)
     placed = [jax.device_put(jax.tree.map(jnp.copy, s), d) for s, d in zip(states, devs, strict=True)]
-    bufs = [None] + [
-        jax.device_put(buffer.init(config.capacity, _zeros(it)), d) for it, d in zip(items, devs[1:], strict=True)
-    ]
-    item_bytes = [nbytes(it) for it in items]
+    if buffers is None:
+        bufs = [None] + [
+            jax.device_put(buffer.init(config.capacity, _zeros(it)), d) for it, d in zip(items, devs[1:], strict=True)
+        ]
+    else:
+        given = zip(buffers[1:], devs[1:], strict=True)
+        bufs = [None] + [jax.device_put(jax.tree.map(jnp.copy, b), d) for b, d in given]
 
     # compile everything here, in the main thread
-    split = jax.jit(jax.random.split)
-    step0 = jax.jit(functools.partial(stage_step, stages[0]), donate_argnums=0)
-    step0 = step0.lower(placed[0], jax.device_put(x0, devs[0]), jax.device_put(y0, devs[0]), keys[0]).compile()
-    consume, push = [None], [None]
-    for j in range(1, k):
-        c = jax.jit(functools.partial(_consume, stages[j], stages[j - 1], config), donate_argnums=(0, 1))
-        consume.append(c.lower(placed[j], bufs[j], keys[j]).compile())
-        p = jax.jit(lambda b, item: buffer.push(b, item), donate_argnums=0)
-        push.append(p.lower(bufs[j], jax.device_put(_zeros(items[j - 1]), devs[j])).compile())
+    x0d, y0d = jax.device_put(x0, devs[0]), jax.device_put(y0, devs[0])
+    programs = [compile_stage(stages, j, config, placed[j], bufs[j], x0d, y0d, keys[j]) for j in range(k)]
 
-    updates = [0] * k
-    sent = [0] * k
+    updates, sent, busy = [0] * k, [0] * k, [0.0] * k
     recs: list[list[tuple]] = [[] for _ in range(k)]
+    inboxes: list[Inbox | None] = [None] * k
 
-    def worker(j, inbox, outbox):
-        state, buf, kj = placed[j], bufs[j], keys[j]
-        upstream_done = False
+    def worker(j):
+        outbox = inboxes[j + 1] if j + 1 < k else None
+
+        def send(item):
+            outbox.put(jax.device_put(item, devs[j + 1]))
+            sent[j] += programs[j].item_bytes
+
+        def count(n, state, key):
+            updates[j] = n
+
         try:
-            while updates[j] < n_up[j]:
-                kj, sub = split(kj)
-                if j == 0:
-                    x, y = batches[updates[0] % len(batches)]
-                    y = jax.device_put(y, devs[0])
-                    state, wire, m = step0(state, jax.device_put(x, devs[0]), y, sub)
-                    loss, acc, ok, age, reuse = m["loss"], m["accuracy"], True, 0, 0
-                else:
-                    while True:  # drain the inbox into the ring buffer without waiting
-                        try:
-                            item = inbox.get_nowait()
-                        except queue.Empty:
-                            break
-                        if item is _END:
-                            upstream_done = True
-                        else:
-                            buf = push[j](buf, item)
-                    state, buf, (wire, y), loss, acc, ok, age, reuse = consume[j](state, buf, sub)
-                    if not bool(ok):  # nothing to sample: wait for the stage below (or give up if it is done)
-                        if upstream_done:
-                            break
-                        item = inbox.get()
-                        if item is _END:
-                            upstream_done = True
-                        else:
-                            buf = push[j](buf, item)
-                        continue
-                updates[j] += 1
-                recs[j].append((loss, acc, age, reuse))
-                if outbox is not None:
-                    moved = jax.device_put((wire, y), devs[j + 1])
-                    sent[j] += item_bytes[j]
-                    outbox.put(moved)
-                if j == slow_stage and slow_extra_s > 0:
-                    jax.block_until_ready(loss)
-                    time.sleep(slow_extra_s)
+            out = stage_loop(
+                j,
+                programs[j],
+                placed[j],
+                bufs[j],
+                keys[j],
+                n_up[j],
+                device=devs[j],
+                batch=lambda n: batches[n % len(batches)],
+                inbox=inboxes[j],
+                send=send if outbox is not None else None,
+                lockstep=lockstep,
+                slowdown=slowdown if j == slow_stage else 1.0,
+                slow_extra_s=slow_extra_s if j == slow_stage else 0.0,
+                on_update=count,
+            )
+            placed[j], bufs[j] = out.state, out.buf
+            recs[j].extend(out.records)
+            busy[j] = out.busy_s
         finally:
-            placed[j] = state
-        if outbox is not None:
-            outbox.put(_END)
+            if outbox is not None:
+                outbox.put(END)
 
     t0 = time.perf_counter()
     with Workers() as w:
-        # inboxes hold at most everything the producer will send, so a producer never waits on its consumer
-        inboxes = [None] + [w.channel(maxsize=n_up[j - 1] + 1) for j in range(1, k)]
+        # free-running: the inbox holds everything the producer will send (None) or drops its oldest item;
+        # lock-step: it makes the producer wait
+        for j in range(1, k):
+            inboxes[j] = Inbox(queue_size, link_delay_s, drop_oldest=not lockstep, stop=w.stop)
         for j in range(k):
-            w.spawn(worker, j, inboxes[j], inboxes[j + 1] if j + 1 < k else None, name=f"async-stage{j}")
+            w.spawn(worker, j, name=f"async-stage{j}")
         w.join(timeout_s)
     seconds = time.perf_counter() - t0
 
@@ -586,4 +833,7 @@ def run_threaded(
         reuse=[col(j, 3) for j in range(k)],
         seconds=seconds,
         bytes_sent=np.asarray(sent),
+        buffers=bufs,
+        dropped=np.asarray([0] + [ib.dropped for ib in inboxes[1:]]),
+        busy_s=np.asarray(busy),
     )
