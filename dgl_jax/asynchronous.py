@@ -455,6 +455,7 @@ class Inbox:
         self.dropped = 0
         self._items: collections.deque = collections.deque()
         self._cond = threading.Condition()
+        self._closed = False
 
     def __len__(self) -> int:
         with self._cond:
@@ -466,10 +467,22 @@ class Inbox:
 
             raise Stopped
 
+    def close(self) -> None:
+        """The consumer is gone: later items are dropped (counted in :attr:`dropped`), no put waits."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
     def put(self, item: Any) -> None:
         """Appends ``item`` (readable from now + ``delay_s``), waiting or dropping as described above."""
         with self._cond:
+            if self._closed:
+                self.dropped += item is not END
+                return
             while item is not END and self.maxsize is not None and len(self._items) >= self.maxsize:
+                if self._closed:
+                    self.dropped += 1
+                    return
                 old = next((i for i, (_, it) in enumerate(self._items) if it is not END), None)
                 if self.drop_oldest and old is not None:
                     del self._items[old]
@@ -575,7 +588,7 @@ def stage_loop(
     state: StageState,
     buf: buffer.BufferState | None,
     key: jax.Array,
-    num_updates: int,
+    num_updates: int | None,
     *,
     device: jax.Device,
     batch: Callable[[int], tuple[Any, Any]] | None = None,
@@ -590,16 +603,23 @@ def stage_loop(
     """Stage ``j``'s loop, the same for every wall-clock executor: up to ``num_updates`` updates, each with
     the next key of ``split(key)``. Stage 0 trains on ``batch(n)`` (host ``(x, targets)``, its n-th update of
     this call); stage j > 0 moves what has arrived in ``inbox`` into its replay buffer ``buf`` (on
-    ``device``) and takes one step on an item the buffer's policy picks. Free-running, it waits only when the
-    buffer has nothing to sample (and stops early once :data:`END` came and nothing can be sampled);
-    ``lockstep=True`` takes exactly one new item per update (every wire consumed once, in order: pipelined
-    synchronous DGL). After each update the ``(wire, targets)`` item goes to ``send`` (None for the last
+    ``device``) and takes one step on an item the buffer's policy picks.
+
+    Free-running, an arrived item enters the buffer only when the slot it would overwrite has been read at
+    least once: no wire is lost unread, and a slower stage makes its sender wait (back-pressure through the
+    bounded inbox), while a faster one reuses items (up to ``max_reuse``). The stage waits only when the
+    buffer has nothing to sample; it stops early once :data:`END` came and nothing can be sampled, and with
+    ``num_updates=None`` as soon as END came and every item has been read. ``lockstep=True`` takes exactly
+    one new item per update (every wire consumed once, in order: pipelined synchronous DGL). After each update the
+    ``(wire, targets)`` item goes to ``send`` (None for the last
     stage), ``on_update(updates, state, key)`` is called (checkpoints), and the stage sleeps ``(slowdown -
     1)`` times the update's own time plus ``slow_extra_s`` (injected slow-down). ``stop`` (set) ends the
     loop after the current update. The caller sends :data:`END` if it wants to."""
     records: list[tuple] = []
     n, upstream_done, busy = 0, False, 0.0
-    while n < num_updates and not (stop is not None and stop.is_set()):
+    if num_updates is None and (j == 0 or lockstep):
+        raise ValueError("num_updates=None (until the stage below is done) is for free-running stages j > 0")
+    while (num_updates is None or n < num_updates) and not (stop is not None and stop.is_set()):
         key, sub = program.split(key)
         if j == 0:
             x, y = batch(n)
@@ -615,7 +635,7 @@ def stage_loop(
                     break
                 buf = program.push(buf, jax.device_put(item, device))
             else:
-                while True:  # what has arrived goes into the ring buffer, without waiting
+                while not upstream_done and _room(buf):  # what has arrived, without waiting or overwriting
                     try:
                         item = inbox.get_nowait()
                     except queue.Empty:
@@ -624,6 +644,8 @@ def stage_loop(
                         upstream_done = True
                     else:
                         buf = program.push(buf, jax.device_put(item, device))
+                if num_updates is None and upstream_done and not _unread(buf):
+                    break
             t0 = time.perf_counter()
             state, buf, (wire, y), loss, acc, ok, age, reuse = program.consume(state, buf, sub)
             if not bool(ok):  # nothing to sample: wait for the stage below (or give up if it is done)
@@ -649,6 +671,18 @@ def stage_loop(
     return LoopResult(state, buf, key, n, records, upstream_done, busy)
 
 
+def _room(buf: buffer.BufferState) -> bool:
+    """Whether a push would not overwrite an item nobody has read yet."""
+    size, uses, write = jax.device_get((buf.size, buf.uses, buf.write))
+    return bool(size < uses.shape[0] or uses[write] >= 1)
+
+
+def _unread(buf: buffer.BufferState) -> bool:
+    """Whether the buffer holds an item that has not been read yet."""
+    seq, uses = jax.device_get((buf.seq, buf.uses))
+    return bool(((seq >= 0) & (uses == 0)).any())
+
+
 class ThreadedResult(NamedTuple):
     """Outcome of :func:`run_threaded`: final ``states`` (stage j's on its device), ``updates`` ``[K]`` (steps
     taken), and per stage lists (host numpy) of ``loss``, ``accuracy``, ``age`` (how many newer batches had
@@ -656,7 +690,8 @@ class ThreadedResult(NamedTuple):
     plus the wall time ``seconds`` and ``bytes_sent`` ``[K]`` (the ``nbytes`` of the wires each stage put on
     its outgoing link, counted from the transferred arrays); ``buffers`` (stage j's input buffer at the end,
     None for stage 0: pass them to the next call to carry on), ``dropped`` ``[K]`` (items dropped on stage
-    j's full inbox) and ``busy_s`` ``[K]`` (seconds each stage spent in its own updates)."""
+    j's full inbox), ``busy_s`` ``[K]`` (seconds each stage spent in its own updates) and ``stage_s`` ``[K]``
+    (seconds each stage's loop ran)."""
 
     states: list[StageState]
     updates: np.ndarray
@@ -669,6 +704,7 @@ class ThreadedResult(NamedTuple):
     buffers: list[buffer.BufferState | None] | None = None
     dropped: np.ndarray | None = None
     busy_s: np.ndarray | None = None
+    stage_s: np.ndarray | None = None
 
 
 def _consume(stage: Stage, sender: Stage, config: AsyncConfig, state: StageState, buf: buffer.BufferState, key):
@@ -700,11 +736,17 @@ def check_wallclock(
         raise ValueError(f"link delay must be >= 0 seconds, got {link_delay_s}")
 
 
-def update_counts(num_updates: int | Sequence[int], num_stages: int) -> list[int]:
-    """``num_updates`` as K ints >= 0 (one int: the same for every stage)."""
-    n_up = [int(num_updates)] * num_stages if np.ndim(num_updates) == 0 else [int(n) for n in num_updates]
-    if len(n_up) != num_stages or min(n_up) < 0:
-        raise ValueError(f"num_updates must be one int >= 0 or {num_stages} of them, got {num_updates}")
+def update_counts(num_updates: int | Sequence[int | None], num_stages: int) -> list[int | None]:
+    """``num_updates`` as K entries: ints >= 0 (one int: the same for every stage), or None for a stage j > 0
+    that runs until the stage below is done and it has read every item (see :func:`stage_loop`)."""
+    scalar = num_updates is None or np.ndim(num_updates) == 0
+    n_up = [num_updates] * num_stages if scalar else list(num_updates)
+    n_up = [None if n is None else int(n) for n in n_up]
+    if len(n_up) != num_stages or n_up[0] is None or min(n for n in n_up if n is not None) < 0:
+        raise ValueError(
+            f"num_updates must be one int >= 0 or {num_stages} of them (None allowed after the first), "
+            f"got {num_updates}"
+        )
     return n_up
 
 
@@ -727,7 +769,8 @@ def run_threaded(
     key: jax.Array | None = None,
 ) -> ThreadedResult:
     """Asynchronous DGL for real: stage j runs :func:`stage_loop` in its own thread on
-    ``devices[j % len(devices)]`` and takes ``num_updates[j]`` steps (an int: the same for all). Stage 0
+    ``devices[j % len(devices)]`` and takes ``num_updates[j]`` steps (an int: the same for all; None for
+    j > 0: until the stage below is done and every item it sent has been read). Stage 0
     cycles through ``batches`` (host ``(x, targets)``); stage j > 0 samples from its own replay buffer of
     wires (on its device, ``config`` gives capacity/policy/max_reuse; ``buffers`` continues from those of an
     earlier call), which the stage below fills by sending its wire (``device_put`` to stage j's device,
@@ -735,8 +778,9 @@ def run_threaded(
     latency). Each step's key comes from splitting stage j's key ``fold_in(key, j)``.
 
     Free-running, a stage waits only when its buffer has nothing to sample; if the stage below has finished
-    and nothing can be sampled, it stops early (``updates[j] < num_updates[j]``); a full inbox drops its
-    oldest item. ``lockstep=True`` consumes every wire exactly once, in order (a full inbox makes the sender
+    and nothing can be sampled, it stops early (``updates[j] < num_updates[j]``); no item is overwritten
+    before it was read, so a full inbox makes the sender wait (see :func:`stage_loop`). ``lockstep=True`` consumes
+    every wire exactly once, in order (a full inbox makes the sender
     wait): with one-item buffers this is pipelined synchronous DGL. ``slow_stage`` is slowed ``slowdown``
     times (it sleeps ``slowdown - 1`` times each update's duration) plus ``slow_extra_s`` seconds per update.
     Every function is compiled in the calling thread before any worker starts (jax#17457). A worker exception
@@ -772,7 +816,7 @@ def run_threaded(
     x0d, y0d = jax.device_put(x0, devs[0]), jax.device_put(y0, devs[0])
     programs = [compile_stage(stages, j, config, placed[j], bufs[j], x0d, y0d, keys[j]) for j in range(k)]
 
-    updates, sent, busy = [0] * k, [0] * k, [0.0] * k
+    updates, sent, busy, spent = [0] * k, [0] * k, [0.0] * k, [0.0] * k
     recs: list[list[tuple]] = [[] for _ in range(k)]
     inboxes: list[Inbox | None] = [None] * k
 
@@ -786,6 +830,7 @@ def run_threaded(
         def count(n, state, key):
             updates[j] = n
 
+        t_start = time.perf_counter()
         try:
             out = stage_loop(
                 j,
@@ -805,17 +850,18 @@ def run_threaded(
             )
             placed[j], bufs[j] = out.state, out.buf
             recs[j].extend(out.records)
-            busy[j] = out.busy_s
+            busy[j], spent[j] = out.busy_s, time.perf_counter() - t_start
         finally:
             if outbox is not None:
                 outbox.put(END)
+            if inboxes[j] is not None:
+                inboxes[j].close()  # the stage below never waits on a consumer that has stopped
 
     t0 = time.perf_counter()
     with Workers() as w:
-        # free-running: the inbox holds everything the producer will send (None) or drops its oldest item;
-        # lock-step: it makes the producer wait
+        # a full inbox (queue_size items) makes the producer wait; None: unbounded
         for j in range(1, k):
-            inboxes[j] = Inbox(queue_size, link_delay_s, drop_oldest=not lockstep, stop=w.stop)
+            inboxes[j] = Inbox(queue_size, link_delay_s, stop=w.stop)
         for j in range(k):
             w.spawn(worker, j, name=f"async-stage{j}")
         w.join(timeout_s)
@@ -836,4 +882,5 @@ def run_threaded(
         buffers=bufs,
         dropped=np.asarray([0] + [ib.dropped for ib in inboxes[1:]]),
         busy_s=np.asarray(busy),
+        stage_s=np.asarray(spent),
     )

@@ -77,7 +77,9 @@ _FIELDS = [
     ("--devices", "devices", int, "local devices to use (default: all; CPU: 1 unless fake devices are set)"),
     ("--parallel", "parallel", str, "data (default), stages, or stages+data: how the devices share the work"),
     ("--stage-groups", "stage_groups", int, "positions on the stage axis (default: one per stage)"),
-    ("--executor", "executor", str, "stage-parallel executor: spmd (one shard_map program) or threads"),
+    ("--executor", "executor", str, "spmd or threads (stage-parallel dgl); async: threads or ray; dgl: ray"),
+    ("--ray-address", "ray_address", str, "--executor ray: HOST:PORT of a Ray cluster (default: a local instance)"),
+    ("--ray-checkpoint-every", "ray_checkpoint_every", int, "--executor ray: updates between actor checkpoints"),
 ]
 
 
@@ -250,7 +252,16 @@ def format_table(accuracy: list[float], ensemble: float, layers: list[tuple[str,
 # ----------------------------------------------------------------------------------------------------------
 # What --resume may change: the length of the run, where the data is, and the devices it runs on (a
 # checkpoint saved on N devices restores on any other count: the arrays are resharded).
-RESUME_MAY_CHANGE = ("epochs", "data_dir", "devices", "parallel", "stage_groups", "executor")
+RESUME_MAY_CHANGE = (
+    "epochs",
+    "data_dir",
+    "devices",
+    "parallel",
+    "stage_groups",
+    "executor",
+    "ray_address",
+    "ray_checkpoint_every",
+)
 
 
 def resolve_config(args: argparse.Namespace):
@@ -552,6 +563,10 @@ def _train(args, config, run_dir: Path, lock, reuse: bool, t_start: float, inter
         raise UsageError(_too_small(trainer, e)) from None
     except ValueError as e:
         raise UsageError(str(e).splitlines()[0]) from None
+    try:  # Ray: reach the cluster, check its resources, start the actors (their files under ray/)
+        trainer.start_executor(run_dir / "ray")
+    except ValueError as e:
+        raise UsageError(str(e).splitlines()[0]) from None
     checkpointer = Checkpointer(run_dir / "checkpoints", args.keep)
     saved = None  # (global step, epoch, step) of the newest checkpoint of the run
     try:
@@ -824,6 +839,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
         return EXIT_WRITE_ERROR
     finally:
         bar.close()
+        trainer.close(status)
         if metrics_file is not None:
             with contextlib.suppress(OSError):
                 metrics_file.close()

@@ -43,7 +43,9 @@ class TrainConfig:
     ``codec``: the boundary codec of every stage boundary (:func:`dgl_jax.codecs.parse_codec` syntax, e.g.
     ``vq-packed:16:4``; ``None``: float32 messages), for the methods that send messages (dgl, async);
     ``devices`` (``None``: all local devices; the command line's default), ``parallel``, ``stage_groups``
-    and ``executor``: how the run uses its devices (:mod:`dgl_jax.devices`)."""
+    and ``executor``: how the run uses its devices (:mod:`dgl_jax.devices`); with ``executor='ray'``,
+    ``ray_address`` (``None``: a local Ray instance) and ``ray_checkpoint_every`` (updates between the
+    actors' own checkpoints; :mod:`dgl_jax.ray_executor`)."""
 
     method: str = "dgl"
     model: str = "small_cnn"
@@ -76,6 +78,8 @@ class TrainConfig:
     parallel: str = "data"
     stage_groups: int | None = None
     executor: str = "spmd"
+    ray_address: str | None = None
+    ray_checkpoint_every: int = 100
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -151,6 +155,10 @@ def validate_config(config: TrainConfig) -> None:
         and all(a < b for a, b in zip(config.decay_epochs, config.decay_epochs[1:], strict=False))
     ):
         bad("decay epochs", ",".join(map(str, config.decay_epochs)), "positive, increasing epochs (e.g. 6,8)")
+    if not (isinstance(config.ray_checkpoint_every, int) and config.ray_checkpoint_every >= 0):
+        bad("ray checkpoint every", config.ray_checkpoint_every, "an integer >= 0 (0: only at set states)")
+    if config.ray_address is not None and config.executor != "ray":
+        raise ValueError(f"--ray-address needs --executor ray, not {config.executor!r}")
     if config.codec is not None:
         from dgl_jax.codecs import parse_codec
 

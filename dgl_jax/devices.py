@@ -25,8 +25,9 @@ from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 PARALLEL = ("data", "stages", "stages+data")
-EXECUTORS = ("spmd", "threads")
+EXECUTORS = ("spmd", "threads", "ray")
 STAGE_PARALLEL_METHODS = ("dgl",)
+WALLCLOCK_METHODS = {"threads": ("async",), "ray": ("async", "dgl")}  # dgl_jax.wallclock: stages apart
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,6 +93,12 @@ def resolve_layout(
     n = len(pool) if devices is None else devices
     if not (isinstance(n, int) and 1 <= n <= len(pool)):
         raise ValueError(f"--devices {devices!r}: expected 1..{len(pool)} (the local devices: {len(pool)})")
+    if executor == "ray" and method not in WALLCLOCK_METHODS["ray"]:
+        raise ValueError(f"--executor ray runs methods {list(WALLCLOCK_METHODS['ray'])}, not {method!r}")
+    if method in WALLCLOCK_METHODS.get(executor, ()) and (executor == "ray" or method == "async"):
+        if parallel != "data" or stage_groups not in (None, 1):  # the stages' devices: dgl_jax.wallclock
+            raise ValueError(f"--executor {executor} with --method {method} places the stages itself: no --parallel")
+        return Layout("data", executor, 1, n, tuple(pool[:n]))
     if parallel == "data":
         if stage_groups not in (None, 1):
             raise ValueError(f"--stage-groups {stage_groups} needs --parallel stages or stages+data")

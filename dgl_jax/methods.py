@@ -169,6 +169,9 @@ ASYNC_OPTIONS: dict[str, Any] = {
     "schedule": "paper",
     "slow_stage": None,
     "slowdown": 1.0,
+    # wall-clock executors only (--executor threads|ray; dgl_jax.wallclock): link latency, link capacity
+    "link_delay_s": 0.0,
+    "queue_size": 4,
 }
 
 

@@ -9,9 +9,9 @@ packed VQ codes plus their codebook when a VQ codec is on) to the receiver actor
 the receiver puts it into its replay buffer, on its own device.
 
 * **Back-pressure.** A receiver's :class:`~dgl_jax.asynchronous.Inbox` holds at most ``queue_size`` items
-  (free-running: the oldest is dropped, the replay buffer would overwrite it anyway; lock-step: the delivery
-  waits), and a sender keeps at most ``queue_size`` deliveries unacknowledged: memory stays bounded whatever
-  the speeds.
+  (a delivery waits while it is full; an item enters the replay buffer only once the slot it would
+  overwrite has been read), and a sender keeps at most ``queue_size`` deliveries unacknowledged: memory
+  stays bounded whatever the speeds.
 * **Injected slow-down and link delay**, as in :func:`~dgl_jax.asynchronous.run_threaded`: ``slow_stage``
   sleeps ``slowdown - 1`` times each update's duration; every item becomes readable ``link_delay_s``
   seconds after it reached the receiver.
@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -184,7 +185,7 @@ class StageActor:
             self.buf = jax.device_put(buffer.init(config.capacity, asy._zeros(item)), self.device)
         x, y = jax.device_put(tuple(jnp.zeros(s.shape, s.dtype) for s in example), self.device)
         self.program = asy.compile_stage(self.stages, j, config, self.state, self.buf, x, y, self.key)
-        self.inbox = asy.Inbox(options.queue_size, options.link_delay_s, not options.lockstep, self.stop_event)
+        self.inbox = asy.Inbox(options.queue_size, options.link_delay_s, stop=self.stop_event)
         self._lock = threading.Lock()
         self._next_seq: int | None = None
         self._early: dict[int, Any] = {}
@@ -202,9 +203,9 @@ class StageActor:
     def _checkpoint(self) -> None:
         self.ckpt.save(self.updates, self._tree(), {"updates": self.updates, "stage": self.j})
 
-    def set_state(self, state, updates: int) -> int:
-        """Sets the stage state and update count (from the driver; the key stream goes on) and checkpoints."""
-        self._set(state, jax.random.key_data(self.key), updates)
+    def set_state(self, state) -> int:
+        """Sets the stage state (from the driver; the key stream and the update count go on) and checkpoints."""
+        self._set(state, jax.random.key_data(self.key), self.updates)
         self._checkpoint()
         self.restored = None
         return self.updates
@@ -255,8 +256,13 @@ class StageActor:
         return ref
 
     # -- the loop ---------------------------------------------------------------------------------------
-    def run(self, segment: int, target: int, batches: list | None = None, first: int = 0) -> dict:
-        """Takes updates until the stage has ``target`` in all (stage 0: batch ``u - first`` of ``batches``,
+    def end_segment(self, segment: int) -> None:
+        """The end of ``segment`` from the driver (the sender finished before this actor was restarted)."""
+        self.inbox.put(("end", segment))
+
+    def run(self, segment: int, target: int | None, batches: list | None = None, first: int = 0) -> dict:
+        """Takes updates until the stage has ``target`` in all (None, stage j > 0 free-running: until the end
+        of the segment came and every item has been read; stage 0: batch ``u - first`` of ``batches``,
         cyclically, for its update ``u``), sends the end of ``segment`` downstream and returns its records:
         ``loss``/``accuracy``/``age``/``reuse`` per update, ``updates``, ``bytes_sent``, ``dropped``,
         ``fill`` (buffer occupancy at the end), ``busy_s`` and ``wall_s``."""
@@ -284,6 +290,7 @@ class StageActor:
                 self._checkpoint()
 
         base = self.updates
+        todo = None if target is None else max(0, target - base)
         slowed = self.j == self.opt.slow_stage
         out = asy.stage_loop(
             self.j,
@@ -291,7 +298,7 @@ class StageActor:
             self.state,
             self.buf,
             self.key,
-            max(0, target - base),
+            todo,
             device=self.device,
             batch=(lambda n: batches[(base + n - first) % len(batches)]) if self.j == 0 else None,
             inbox=_SegmentInbox(self.inbox, segment) if self.j > 0 else None,
@@ -404,10 +411,12 @@ class RayExecutor:
         self.directory = Path(directory if directory is not None else self._tmp).absolute()
         self.address = address
         self.actors: list = []
+        for old in self.directory.glob("stage*"):  # an earlier executor's actor checkpoints
+            shutil.rmtree(old, ignore_errors=True)
         self._started_ray = connect(address, k)
         self.segment = 0
         self.restarts: list[dict] = []
-        self._states_id: int | None = None
+        self._states_ref: Any = None
         self._closed = False
         try:
             ray = import_ray()
@@ -475,12 +484,11 @@ class RayExecutor:
             )
 
     # -- driver side ------------------------------------------------------------------------------------
-    def set_states(self, states: Sequence[StageState], updates: Sequence[int] | None = None) -> None:
+    def set_states(self, states: Sequence[StageState]) -> None:
         """Gives every actor its state (host copy) and checkpoints it there."""
         ray = import_ray()
-        ups = [0] * self.k if updates is None else list(updates)
-        ray.get([a.set_state.remote(_host(s), u) for a, s, u in zip(self.actors, states, ups, strict=True)])
-        self._states_id = id(states)
+        ray.get([a.set_state.remote(_host(s)) for a, s in zip(self.actors, states, strict=True)])
+        self._states_ref = states
 
     def states(self) -> list[StageState]:
         """The actors' current states, as driver arrays."""
@@ -506,13 +514,13 @@ class RayExecutor:
         ``RuntimeError``."""
         ray = import_ray()
         n_up = asy.update_counts(num_updates, self.k)
-        if states is not None and id(states) != self._states_id:
+        if states is not None and states is not self._states_ref:
             self.set_states(states)
         self.segment += 1
         seg = self.segment
         t0 = time.perf_counter()
         start = self.updates()
-        target = [s + n for s, n in zip(start, n_up, strict=True)]
+        target = [None if n is None else s + n for s, n in zip(start, n_up, strict=True)]
         host_batches = ray.put([(np.asarray(x), np.asarray(y)) for x, y in batches])
         restarts: list[dict] = []
         seen = list(start)
@@ -533,6 +541,8 @@ class RayExecutor:
                     event = self._restarted(j, seen[j])
                     restarts.append(event)
                     pending[issue(j)] = j
+                    if j > 0 and results[j - 1] is not None:  # its sender is done: the end goes to the new inbox
+                        self.actors[j].end_segment.remote(seg)
                 except ray.exceptions.RayTaskError as e:
                     raise RuntimeError(f"stage {j} failed: {_first_line(e.cause or e)}") from None
             if time.monotonic() - last_poll > 1.0:  # how far each stage got (the manifest's record of a loss)
@@ -543,7 +553,7 @@ class RayExecutor:
         seconds = time.perf_counter() - t0
         got = ray.get([a.get_state.remote() for a in self.actors])
         states_out = [jax.tree.map(jnp.asarray, s) for s, _, _ in got]
-        self._states_id = None
+        self._states_ref = states_out  # passed back unchanged next time: not sent again
         self.write_manifest("running", last_segment={"segment": seg, "seconds": seconds, "target": target})
         return Segment(states_out, results, seconds, restarts)
 
@@ -622,8 +632,6 @@ class RayExecutor:
             with contextlib.suppress(Exception):
                 ray.shutdown()
         if self._tmp is not None:
-            import shutil
-
             shutil.rmtree(self._tmp, ignore_errors=True)
 
     def __enter__(self) -> RayExecutor:

@@ -156,8 +156,14 @@ class Trainer:
             batch_size=config.batch_size,
             method=config.method,
         )
+        # Wall-clock executors (async threads/ray, dgl ray) place the stages themselves (dgl_jax.wallclock).
+        self._wallclock = None
+        if config.executor == "ray" or (config.method == "async" and config.executor == "threads"):
+            from dgl_jax.wallclock import WallclockChunks
+
+            self._wallclock = WallclockChunks(self)
         # Data parallelism over more than one device: replicated data and states, batches split over 'data'.
-        self._data_parallel = not self.layout.stage_parallel and self.layout.num_devices > 1
+        self._data_parallel = not self.layout.stage_parallel and self.layout.num_devices > 1 and self._wallclock is None
         self._executor = None  # the stage-parallel executor, built on the first chunk
         info = DATASETS.get(config.dataset)
         size = self.data.image_shape[0]
@@ -220,6 +226,17 @@ class Trainer:
             f"{self.chunk_steps} steps per dispatch; {self.num_stages} stages, method {self.config.method}"
         )
 
+    def start_executor(self, directory: str | os.PathLike | None = None) -> None:
+        """Starts a wall-clock executor now (Ray: connect, check resources, start the actors, their checkpoints
+        and manifest in ``directory``) rather than on the first chunk; one-line ``ValueError`` on bad input."""
+        if self._wallclock is not None:
+            self._wallclock.start(directory)
+
+    def close(self, status: str = "stopped") -> None:
+        """Stops a wall-clock executor (Ray actors, and the local Ray instance it started)."""
+        if self._wallclock is not None:
+            self._wallclock.close(status)
+
     # -- jitted pieces -----------------------------------------------------------------------------------
     def _chunk_fn(self, phase: int, features: bool) -> Callable:
         """``run(states, extra, images, labels, perm, step_base, start) -> (states, extra, metrics [steps])``:
@@ -229,6 +246,8 @@ class Trainer:
         are unused: one dispatch per step on the batches it yields."""
         if self.layout.stage_parallel:
             return self._pipeline_chunk
+        if self._wallclock is not None:
+            return self._wallclock
         if (phase, features) not in self._chunk_fns:
             step = self.method.make_step(self.stages, self.config, phase, features)
             if self._data_parallel:
