@@ -42,6 +42,7 @@ import socket
 import tempfile
 import threading
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -99,19 +100,22 @@ def connect(address: str | None, num_actors: int) -> bool:
     (no dashboard, actors' output kept in Ray's log folder, only errors logged). Reuses an initialised Ray.
     Returns whether this call started Ray (then :meth:`RayExecutor.close` shuts it down)."""
     ray = import_ray()
+    if address:
+        check_address(address)
     if ray.is_initialized():
         return False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     if address:
-        check_address(address)
         try:
             ray.init(address=address, runtime_env={"env_vars": _env_vars()}, **quiet)
         except Exception as e:  # noqa: BLE001 - Ray raises many types; one line
             raise ValueError(f"--ray-address {address!r}: cannot join ({_first_line(e)})") from None
     else:
         cpus = max(num_actors, os.cpu_count() or 1)
-        ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": _env_vars()}, **quiet)
+        with warnings.catch_warnings():  # Ray forks its services after JAX started its threads: harmless here
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ray.init(num_cpus=cpus, include_dashboard=False, runtime_env={"env_vars": _env_vars()}, **quiet)
     return True
 
 

@@ -95,6 +95,10 @@ class WallclockChunks:
         if self.run["slow_stage"] is not None:
             asy.check_wallclock(trainer.num_stages, self.run["slow_stage"], 1.0, 0.0, 0.0)
         self.kind = cfg.executor
+        if cfg.ray_address:  # an unreachable cluster fails here, in seconds, before any work
+            from dgl_jax.ray_executor import check_address
+
+            check_address(cfg.ray_address)
         self.executor = None
         self._batch_fn = None
 
