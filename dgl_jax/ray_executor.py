@@ -158,12 +158,12 @@ class StageActor:
     """Stage ``j`` of ``num_stages`` in its own process (wrapped by ``ray.remote`` in :class:`RayExecutor`):
     its state, key stream and replay buffer live on its first local device. ``blob``: the cloudpickled stage
     list; ``spec``: its :class:`~dgl_jax.stage.StageState` shapes; ``example``: one ``(x, targets)`` batch
-    and ``item`` one item of its input buffer (None for stage 0), as ``ShapeDtypeStruct`` s; ``downstream``:
-    the handle of stage j+1 (None for the last). The arguments are small (Ray keeps them to restart the
-    actor); the driver then sends the state (:meth:`set_state`). A restarted actor restores the newest
-    checkpoint of ``ckpt_dir`` instead."""
+    and ``item`` one item of its input buffer (None for stage 0), as ``ShapeDtypeStruct`` s; stage j+1's
+    handle comes from :meth:`connect`. The arguments are small (Ray keeps them to restart the actor); the
+    driver then sends the state (:meth:`set_state`). A restarted actor restores the newest checkpoint of
+    ``ckpt_dir`` instead."""
 
-    def __init__(self, j, num_stages, blob, config, spec, example, item, key_data, downstream, ckpt_dir, options):
+    def __init__(self, j, num_stages, blob, config, spec, example, item, key_data, ckpt_dir, options):
         import ray.cloudpickle as cloudpickle
 
         from dgl_jax.checkpoint import Checkpointer, silence_closed_loop_errors
@@ -173,7 +173,7 @@ class StageActor:
         self.j, self.k, self.config, self.opt = j, num_stages, config, options
         self.stages = cloudpickle.loads(blob)
         self.device = jax.local_devices()[0]
-        self.downstream = downstream
+        self.downstream = None  # stage j+1's handle, from connect()
         self.stop_event = threading.Event()
         self.ckpt = Checkpointer(Path(ckpt_dir) / f"stage{j}", max_to_keep=2)
         self.ckpt.cleanup()
@@ -231,6 +231,11 @@ class StageActor:
             "restored": self.restored,
             "checkpoints": self.ckpt.steps(),
         }
+
+    def connect(self, downstream: Any) -> None:
+        """Sets the handle of stage j+1 (after construction and after every restart: handles are not
+        constructor arguments, which Ray would have to keep in its object store)."""
+        self.downstream = downstream
 
     def progress(self) -> int:
         return self.updates
@@ -444,9 +449,8 @@ class RayExecutor:
                 None if it is None else jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), it)
                 for it in items
             ]
-            downstream = None
             actors = [None] * k
-            for j in reversed(range(k)):  # the last first: each actor is born knowing its receiver
+            for j in range(k):
                 kd = np.asarray(jax.random.key_data(jax.random.fold_in(key, j)))
                 args = (
                     j,
@@ -457,14 +461,13 @@ class RayExecutor:
                     spec,
                     items[j],
                     kd,
-                    downstream,
                     str(self.directory),
                     options,
                 )
                 actors[j] = remote.remote(*args)
-                downstream = actors[j]
             self.actors = actors
             self._wait_started(start_timeout_s)
+            ray.get([a.connect.remote(b) for a, b in zip(actors[:-1], actors[1:], strict=True)])
             self.set_states(states)
             self.infos = ray.get([a.info.remote() for a in self.actors])
             self.write_manifest("running")
@@ -575,6 +578,8 @@ class RayExecutor:
                         f"stage {j}'s actor died and was not restarted ({_first_line(e)}); logs: {_log_dir()}"
                     ) from None
                 time.sleep(0.2)
+        if j + 1 < self.k:
+            ray.get(self.actors[j].connect.remote(self.actors[j + 1]))
         restored = (info.get("restored") or {}).get("updates", 0)
         event = {
             "stage": j,
