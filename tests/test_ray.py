@@ -103,7 +103,7 @@ def _cli(args, **env):
 
 def test_ctrl_c_stops_the_actors_and_resume_completes(cluster, tmp_path):
     run = tmp_path / "run"
-    common = ["--ray-address", cluster, "--head", "linear", "--epochs", "2"]
+    common = ["--ray-address", cluster, "--head", "linear", "--split", "2", "--epochs", "2"]
     proc = _cli(["--method", "async", "--executor", "ray", *common, "--out", str(run)],
                 DGL_JAX_FAULT_WAIT="epoch-end:1")  # fmt: skip
     line = ""
