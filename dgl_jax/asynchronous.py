@@ -610,11 +610,12 @@ def stage_loop(
     bounded inbox), while a faster one reuses items (up to ``max_reuse``). The stage waits only when the
     buffer has nothing to sample; it stops early once :data:`END` came and nothing can be sampled, and with
     ``num_updates=None`` as soon as END came and every item has been read. ``lockstep=True`` takes exactly
-    one new item per update (every wire consumed once, in order: pipelined synchronous DGL). After each update the
-    ``(wire, targets)`` item goes to ``send`` (None for the last
-    stage), ``on_update(updates, state, key)`` is called (checkpoints), and the stage sleeps ``(slowdown -
-    1)`` times the update's own time plus ``slow_extra_s`` (injected slow-down). ``stop`` (set) ends the
-    loop after the current update. The caller sends :data:`END` if it wants to."""
+    one new item per update (every wire consumed once, in order: pipelined synchronous DGL).
+
+    After each update the ``(wire, targets)`` item goes to ``send`` (None for the last stage),
+    ``on_update(updates, state, key)`` is called (checkpoints), and the stage sleeps ``slowdown - 1`` times
+    the update's own time plus ``slow_extra_s`` (injected slow-down). ``stop`` (set) ends the loop after the
+    current update. The caller sends :data:`END` if it wants to."""
     records: list[tuple] = []
     n, upstream_done, busy = 0, False, 0.0
     if num_updates is None and (j == 0 or lockstep):
