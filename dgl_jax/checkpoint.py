@@ -43,6 +43,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dgl_jax.distributed import agree, barrier, is_primary
 from dgl_jax.files import write_json
 
 PyTree = Any
@@ -63,7 +64,7 @@ class CheckpointWriteError(CheckpointError):
 
 def state_tree(stages: list, extra: PyTree, key: jax.Array) -> dict:
     """The saved pytree: stage states, method state and the PRNG key as raw ``uint32`` key data."""
-    return {"stages": list(stages), "extra": extra, "key": jax.random.key_data(key)}
+    return {"stages": list(stages), "extra": extra, "key": np.asarray(jax.random.key_data(key))}
 
 
 def signature(tree: PyTree) -> list[str]:
@@ -171,30 +172,40 @@ class Checkpointer:
         step = int(global_step)
         final, partial = self.path(step), self.directory / f"{step}{PARTIAL}"
         meta = {**meta, "global_step": step, "signature": signature(tree)}
+        primary = is_primary()  # many processes: all write the arrays (orbax), process 0 the rest
+        error = None
         try:
-            self.directory.mkdir(parents=True, exist_ok=True)
-            for old in self.directory.glob(f"{step}{PARTIAL}*"):
-                _remove(old)
+            if primary:
+                self.directory.mkdir(parents=True, exist_ok=True)
+                for old in self.directory.glob(f"{step}{PARTIAL}*"):
+                    _remove(old)
+            barrier(f"dgl_jax-checkpoint-{step}")
             with quiet():
                 self.orbax.save(
                     partial, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta))
                 )
             if os.environ.get("DGL_JAX_FAULT_SAVE_ERROR", "") == str(_saves_in_process):
                 raise OSError(errno.ENOSPC, "No space left on device (DGL_JAX_FAULT_SAVE_ERROR)", str(partial))
-            write_json(partial / CHECKSUMS, {"algorithm": "sha256", "files": file_checksums(partial)})
-            if before_commit is not None:
-                before_commit(partial)
-            if final.exists():  # an unusable checkpoint of this step (passed over by restore): replaced
-                self._trash(final)
-            os.replace(partial, final)
-            _fsync_dir(self.directory)
+            if primary:
+                write_json(partial / CHECKSUMS, {"algorithm": "sha256", "files": file_checksums(partial)})
+                if before_commit is not None:
+                    before_commit(partial)
+                if final.exists():  # an unusable checkpoint of this step (passed over by restore): replaced
+                    self._trash(final)
+                os.replace(partial, final)
+                _fsync_dir(self.directory)
         except Exception as e:  # noqa: BLE001 - orbax raises many types; report one line
             silence_closed_loop_errors()
-            with contextlib.suppress(OSError):
-                for old in self.directory.glob(f"{step}{PARTIAL}*"):
-                    _remove(old)
-            raise CheckpointWriteError(f"cannot write checkpoint {final}: {write_error_cause(e)}") from None
-        self._drop_old()
+            if primary:
+                with contextlib.suppress(OSError):
+                    for old in self.directory.glob(f"{step}{PARTIAL}*"):
+                        _remove(old)
+            error = f"cannot write checkpoint {final}: {write_error_cause(e)}"
+        error = agree("checkpoint", error)  # the others learn how process 0's commit went
+        if error is not None:
+            raise CheckpointWriteError(error)
+        if primary:
+            self._drop_old()
         return final
 
     def _trash(self, folder: Path) -> None:

@@ -3,11 +3,15 @@
 Run folder (``--out``, default ``runs/<dataset>-<model>-<method>-<time>``)::
 
     config.json          the resolved TrainConfig (``--resume`` reads it back)
-    run.json             how it was started: command line, preset, plugins (--import), versions, devices
+    run.json             how it was started: command line, preset, plugins (--import), versions, devices,
+                         processes; stage-parallel runs add the wire bytes per step (measured, accounted)
     metrics.jsonl        one JSON line per logged chunk per stage ("train") and per epoch per stage ("eval")
     summary.json         final per-stage accuracies, status (completed / interrupted), timings
     learning_curves.png  per-stage test accuracy vs epoch
     checkpoints/<step>/  orbax checkpoints of the whole run state (the last --keep)
+
+Over many processes (``--coordinator``/``--num-processes``/``--process-id``, or a cluster's environment)
+process 0 writes these files and every process writes its part of the checkpoints.
 
 Every JSON file and the PNG are written atomically (temporary file + ``os.replace``). Bad input gets one
 line on stderr naming the bad value and the accepted ones, exit code 2, and no run folder is created:
@@ -117,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its last checkpoint")
     train.add_argument("--keep", type=int, default=3, help="checkpoints to keep (default 3)")
     train.add_argument("--checkpoint-every", type=int, default=1, help="checkpoint every N epochs (default 1)")
+    train.add_argument("--coordinator", metavar="HOST:PORT", help="many processes: process 0's address (all three)")
+    train.add_argument("--num-processes", type=int, help="many processes: how many take part")
+    train.add_argument("--process-id", type=int, help="many processes: this one's index, 0..N-1 (0 writes the files)")
     _common(train)
     ev = sub.add_parser("eval", help="evaluate the last checkpoint of a run folder")
     ev.add_argument("run_dir")
@@ -294,7 +301,7 @@ def resolve_config(args: argparse.Namespace):
     if "devices" not in explicit:  # the command line uses every local device unless told otherwise
         import jax
 
-        explicit["devices"] = jax.local_device_count()
+        explicit["devices"] = jax.device_count()
     try:
         return preset_config(args.preset or "quickstart", **explicit)
     except TypeError as e:
@@ -511,10 +518,32 @@ def _prepare_out(run_dir: Path, lock) -> bool:
     return bool(names)
 
 
+def _join_processes(args: argparse.Namespace) -> None:
+    """Many processes: ``jax.distributed.initialize`` with ``--coordinator/--num-processes/--process-id``, or
+    from the cluster's environment (SLURM, Open MPI, Cloud TPU) when it holds several processes; nothing
+    otherwise. Processes that do not join within ``DGL_JAX_INIT_TIMEOUT_S`` (default 50) seconds end with
+    one line and exit code 2."""
+    from dgl_jax import distributed
+
+    try:
+        spec = distributed.check_process_flags(args.coordinator, args.num_processes, args.process_id)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if spec is None and distributed.detect_cluster() is None:
+        return
+    timeout = float(os.environ.get("DGL_JAX_INIT_TIMEOUT_S", distributed.INIT_TIMEOUT_S))
+    try:
+        distributed.initialize(*(spec or (None, None, None)), timeout_s=timeout)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(str(e).splitlines()[0]) from None
+
+
 def cmd_train(args: argparse.Namespace, t_start: float, interrupt: _Interrupt | None = None) -> int:
+    from dgl_jax.distributed import agree, broadcast, is_primary
     from dgl_jax.files import FolderLock, FolderLockedError
 
     interrupt = interrupt or _Interrupt()  # not installed: never set
+    _join_processes(args)
     config = resolve_config(args)
     if args.keep < 1 or args.checkpoint_every < 1:
         raise UsageError(f"--keep {args.keep} / --checkpoint-every {args.checkpoint_every}: expected integers >= 1")
@@ -524,18 +553,25 @@ def cmd_train(args: argparse.Namespace, t_start: float, interrupt: _Interrupt | 
         if problem:
             raise UsageError(f"--resume {args.resume!r}: cannot write there: {problem}")
     else:
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        now = broadcast(int(time.time())) if args.out is None else 0  # process 0's clock names the folder
+        stamp = datetime.datetime.fromtimestamp(now).strftime("%Y%m%d-%H%M%S")
         run_dir = Path(args.out or f"runs/{config.dataset}-{config.model}-{config.method}-{stamp}").absolute()
     lock = FolderLock(run_dir)
     try:
-        if args.resume:
-            try:
-                lock.acquire()
-            except FolderLockedError as e:
-                raise UsageError(str(e)) from None
-            reuse = False
-        else:
-            reuse = _prepare_out(run_dir, lock)
+        error, reuse = None, False
+        try:
+            if is_primary() and args.resume:  # many processes: process 0 holds the run folder
+                try:
+                    lock.acquire()
+                except FolderLockedError as e:
+                    raise UsageError(str(e)) from None
+            elif is_primary():
+                reuse = _prepare_out(run_dir, lock)
+        except UsageError as e:
+            error = str(e)
+        error = agree("run-folder", error)  # the other processes stop with process 0
+        if error is not None:
+            raise UsageError(error if is_primary() else f"process 0: {error}")
         return _train(args, config, run_dir, lock, reuse, t_start, interrupt)
     finally:
         lock.release()
@@ -543,6 +579,7 @@ def cmd_train(args: argparse.Namespace, t_start: float, interrupt: _Interrupt | 
 
 def _train(args, config, run_dir: Path, lock, reuse: bool, t_start: float, interrupt: _Interrupt) -> int:
     from dgl_jax.checkpoint import Checkpointer, CheckpointError, state_tree
+    from dgl_jax.distributed import agree, is_primary
     from dgl_jax.files import FolderLockedError
     from dgl_jax.layers import InputTooSmallError
     from dgl_jax.trainer import Trainer, config_to_dict
@@ -569,15 +606,18 @@ def _train(args, config, run_dir: Path, lock, reuse: bool, t_start: float, inter
         raise UsageError(str(e).splitlines()[0]) from None
     checkpointer = Checkpointer(run_dir / "checkpoints", args.keep)
     saved = None  # (global step, epoch, step) of the newest checkpoint of the run
+    primary = is_primary()  # many processes: process 0 writes the run folder's files, all write checkpoints
+    error = None
     try:
         if args.resume:
-            checkpointer.cleanup()  # what an interrupted save left (we hold the lock)
+            if primary:
+                checkpointer.cleanup()  # what an interrupted save left (we hold the lock)
             if checkpointer.steps():
                 try:
                     tree, meta = checkpointer.restore(state_tree(state.stages, state.extra, state.key), warn=_warn)
                 except CheckpointError as e:
                     raise UsageError(str(e)) from None
-                for bad, _ in checkpointer.skipped:  # newer but unusable: kept aside, their steps are redone
+                for bad, _ in checkpointer.skipped if primary else ():  # newer but unusable: kept aside, redone
                     checkpointer.set_aside(bad)
                 state = state._replace(
                     stages=tree["stages"],
@@ -597,11 +637,12 @@ def _train(args, config, run_dir: Path, lock, reuse: bool, t_start: float, inter
                     + (f" (epochs per phase, {phases} phases)" if phases > 1 else "")
                 )
             done = saved[0] if saved else 0
-            kept = [r for r in read_metrics(run_dir) if r.get("global_step", 0) <= done]
-            write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
-            write_json(run_dir / "config.json", config_to_dict(config))
+            if primary:
+                kept = [r for r in read_metrics(run_dir) if r.get("global_step", 0) <= done]
+                write_atomic(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+                write_json(run_dir / "config.json", config_to_dict(config))
             print(f"resumed {run_dir} at epoch {state.epoch} step {state.step} (global step {done})", flush=True)
-        else:
+        elif primary:
             run_dir.mkdir(parents=True, exist_ok=True)
             if not lock.held:
                 try:
@@ -623,21 +664,41 @@ def _train(args, config, run_dir: Path, lock, reuse: bool, t_start: float, inter
                     "imports": args.imports,
                     "jax": jax.__version__,
                     "devices": [str(d) for d in jax.devices()],
+                    "processes": jax.process_count(),
                     "started": datetime.datetime.now(datetime.timezone.utc).isoformat(),
                 },
             )
     except OSError as e:
-        print(f"error: cannot write {e.filename or run_dir}: {e.strerror or e}", file=sys.stderr, flush=True)
+        error = f"cannot write {e.filename or run_dir}: {e.strerror or e}"
+    error = agree("run-files", error)  # the other processes stop with process 0
+    if error is not None:
+        print(f"error: {error if primary else 'process 0: ' + error}", file=sys.stderr, flush=True)
         return EXIT_WRITE_ERROR
     for note in notes:
         print(note, flush=True)
     return _train_loop(trainer, state, run_dir, checkpointer, args, t_start, interrupt, saved)
 
 
+def _add_to_run_json(run_dir: Path, **entries) -> None:
+    """``entries`` added to ``run.json`` (nothing if it is missing or unreadable)."""
+    try:
+        run = json.loads((run_dir / "run.json").read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(run, dict):
+        write_json(run_dir / "run.json", {**run, **entries})
+
+
 def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: float, interrupt, saved) -> int:
     from tqdm import tqdm
 
     from dgl_jax.checkpoint import CheckpointWriteError, state_tree
+    from dgl_jax.distributed import is_primary
+
+    primary = is_primary()
+
+    def files(write):  # the run folder's files are process 0's; the other processes skip them
+        return write if primary else (lambda *a, **k: None)
 
     cfg = trainer.config
     spe = trainer.steps_per_epoch
@@ -698,7 +759,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
     bar = tqdm(
         total=total,
         initial=global_step(state),
-        disable=args.no_progress,
+        disable=args.no_progress or not primary,
         dynamic_ncols=True,
         unit="step",
         file=sys.stderr,
@@ -709,7 +770,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
     diverged = None
     metrics_file = None
     try:
-        metrics_file = open(run_dir / "metrics.jsonl", "a")  # noqa: SIM115 - closed in finally
+        metrics_file = open(run_dir / "metrics.jsonl" if primary else os.devnull, "a")  # noqa: SIM115 - closed in finally
         _fault_wait("startup", interrupt)
         if interrupt.signal is not None:  # a start-up signal that something swallowed: stop here
             raise _Stop(interrupt.signal)
@@ -720,6 +781,8 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
             if first:
                 timings["first_chunk_s"] = time.perf_counter() - t_start
                 first = False
+                if trainer.wire_bytes is not None:  # stage-parallel: bytes per step between stage groups
+                    files(_add_to_run_json)(run_dir, wire_bytes_per_step=trainer.wire_bytes)
             finite = finite_fn(state.stages, state.extra)
             for j in range(k):
                 loss, acc = ev.train["loss"][j], ev.train["accuracy"][j]
@@ -779,8 +842,8 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
                 break
         bar.close()
         if status == "diverged":
-            write_json(run_dir / "summary.json", summary(status, last_eval, diverged=diverged))
-            plot_learning_curves(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
+            files(write_json)(run_dir / "summary.json", summary(status, last_eval, diverged=diverged))
+            files(plot_learning_curves)(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
             a, b = diverged["steps"]
             interrupt.finished = True
             last = f"{checkpointer.path(saved[0])} (epoch {saved[1]} step {saved[2]})" if saved else "none"
@@ -794,8 +857,8 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
             return EXIT_DIVERGED
         if last_eval is None or last_eval_step != global_step(state):
             last_eval = trainer.evaluate(state.stages, extra=state.extra)
-        write_json(run_dir / "summary.json", summary(status, last_eval))
-        plot_learning_curves(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
+        files(write_json)(run_dir / "summary.json", summary(status, last_eval))
+        files(plot_learning_curves)(run_dir, f"{cfg.method} {cfg.model} on {trainer.data.name}")
         print(format_table(last_eval["accuracy"], last_eval["ensemble"], [s.layers for s in trainer.stages]))
         interrupt.finished = True
         if interrupt.signal is not None:
@@ -812,7 +875,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
     except _Stop:
         bar.close()
         with contextlib.suppress(OSError, _Stop):
-            write_json(run_dir / "summary.json", summary("interrupted", last_eval))
+            files(write_json)(run_dir / "summary.json", summary("interrupted", last_eval))
         interrupt.finished = True
         when = "during start-up" if first else "a second time: stopped at once"
         print(
@@ -825,7 +888,7 @@ def _train_loop(trainer, state, run_dir: Path, checkpointer, args, t_start: floa
     except (CheckpointWriteError, OSError) as e:
         bar.close()
         with contextlib.suppress(OSError):
-            write_json(run_dir / "summary.json", summary("failed", last_eval, error=str(e)))
+            files(write_json)(run_dir / "summary.json", summary("failed", last_eval, error=str(e)))
         interrupt.finished = True
         if isinstance(e, CheckpointWriteError):
             what = str(e)

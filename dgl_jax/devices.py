@@ -4,13 +4,17 @@
   replicated. Inside the jitted step XLA partitions the computation, so BatchNorm statistics and gradient
   means are taken over the global batch: the result is the one-device result up to float reassociation.
   Works for every method.
-* ``stages``: stage groups on separate devices (one group per position of a ``'stage'`` mesh axis), the
-  wire of each boundary (its codec's output) sent between them: ``spmd`` (one ``shard_map`` program,
+* ``stages``: stage groups (consecutive stages; one stage each by default) on separate devices, one group
+  per position of a ``'stage'`` mesh axis, the wire of each boundary between groups (its codec's output)
+  sent between them: ``spmd`` (one ``shard_map`` program,
   ``ppermute``; :class:`~dgl_jax.parallel.SpmdPipeline`) or ``threads`` (one program per stage, a thread
   each, ``device_put``; :class:`~dgl_jax.parallel.PipelinedDGL`). Synchronous DGL only: the pipeline gives
   exactly the updates of ``dgl_step``.
 * ``stages+data``: ``stage_groups`` positions on the stage axis, the remaining devices data-parallel inside
   each group.
+
+Many hosts: :func:`dgl_jax.distributed.initialize` joins the processes first; the layout then spans
+``jax.devices()`` (every process's) and each process computes on its own devices.
 """
 
 from __future__ import annotations
@@ -56,6 +60,11 @@ class Layout:
         grid = np.array(self.devices).reshape(self.stage_groups, self.data)
         return Mesh(grid, ("stage", "data"), axis_types=(AxisType.Auto, AxisType.Auto))
 
+    def stage_group(self, num_stages: int) -> list[int]:
+        """The group of each of ``num_stages`` stages: contiguous ranges, as even as they can be (stage j in
+        group ``j * S // K``; 3 stages in 2 groups: ``[0, 0, 1]``)."""
+        return [j * self.stage_groups // num_stages for j in range(num_stages)]
+
     def replicated(self) -> NamedSharding:
         return NamedSharding(self.mesh(), P())
 
@@ -85,14 +94,16 @@ def resolve_layout(
 ) -> Layout:
     """Checks the options against the model, the batch and the machine; ``ValueError`` with one line
     naming the bad value and what is accepted."""
-    pool = list(jax.local_devices() if available is None else available)
+    pool = list(jax.devices() if available is None else available)
     if parallel not in PARALLEL:
         raise ValueError(f"--parallel {parallel!r} is not valid; expected one of {list(PARALLEL)}")
     if executor not in EXECUTORS:
         raise ValueError(f"--executor {executor!r} is not valid; expected one of {list(EXECUTORS)}")
     n = len(pool) if devices is None else devices
     if not (isinstance(n, int) and 1 <= n <= len(pool)):
-        raise ValueError(f"--devices {devices!r}: expected 1..{len(pool)} (the local devices: {len(pool)})")
+        raise ValueError(f"--devices {devices!r}: expected 1..{len(pool)} (the devices: {len(pool)})")
+    if jax.process_count() > 1 and n != len(pool):
+        raise ValueError(f"--devices {n}: a run over {jax.process_count()} processes uses all {len(pool)} devices")
     if executor == "ray" and method not in WALLCLOCK_METHODS["ray"]:
         raise ValueError(f"--executor ray runs methods {list(WALLCLOCK_METHODS['ray'])}, not {method!r}")
     if method in WALLCLOCK_METHODS.get(executor, ()) and (executor == "ray" or method == "async"):
@@ -116,14 +127,12 @@ def resolve_layout(
             raise ValueError(f"--stage-groups {s} is more than the {num_stages} stages")
         if s > n:
             raise ValueError(f"--stage-groups {s} is more than the {n} devices")
-        if s != num_stages:
-            raise ValueError(
-                f"--stage-groups {s} with {num_stages} stages: one stage per group is supported; use --split {s}"
-            )
         if parallel == "stages" and n != s:
             raise ValueError(f"--parallel stages uses one device per stage group: --devices {s}, not {n}")
         if n % s:
             raise ValueError(f"--devices {n} is not a multiple of --stage-groups {s}")
+        if executor == "threads" and jax.process_count() > 1:
+            raise ValueError("--executor threads runs within one process; over many processes use --executor spmd")
     d = n // s
     if batch_size % d:
         raise ValueError(f"batch size {batch_size} is not divisible by the {d} data-parallel devices")

@@ -533,7 +533,8 @@ class SpmdState(NamedTuple):
 
 
 class SpmdPipeline:
-    """Synchronous DGL as one SPMD program over the mesh axis ``stage_axis`` (size K = number of stages).
+    """Synchronous DGL as one SPMD program over the mesh axis ``stage_axis`` (size K = number of stages, or
+    S = number of stage groups).
 
     **What one tick computes.** ``tick(state, x_t, targets_t, valid_t, key_t)``: every stage j runs, in
     parallel, its local update (:func:`~dgl_jax.steps.stage_step`) on its input: stage 0 on the fresh
@@ -547,6 +548,12 @@ class SpmdPipeline:
     **Wires.** Boundary j's wire keeps its own shapes and dtypes (uint8 codes stay uint8): it crosses in its
     own ``ppermute`` whose only pair is ``(j, j+1)``, so what the compiled program moves between two stages
     is exactly that wire, its targets and its key.
+
+    **Stage groups.** ``groups[j]`` (contiguous, from 0; default ``j``) puts several consecutive stages on
+    one position of the stage axis: within a tick, a group's stages update one after the other on the same
+    batch, each taking the wire of the one before it at once (computed with its pre-update params, as in
+    ``dgl_step``). Group g then updates on batch ``t - g``; only the wires between groups cross devices,
+    and S-1 drain ticks empty the pipeline. Per-tick metrics are ``[S * W]``, W the largest group's size.
 
     **Stages of different shapes.** Each stage's state is packed into a zero-padded float32 vector (and an
     int32 one) of the largest stage's size, stacked ``[K, Pf]`` and sharded over ``stage_axis``. Inside
@@ -570,19 +577,28 @@ class SpmdPipeline:
         *,
         stage_axis: str = "stage",
         data_axis: str | None = None,
+        groups: Sequence[int] | None = None,
     ):
         k = len(stages)
         if len(example_states) != k:
             raise ValueError(f"got {len(example_states)} states for {k} stages")
+        groups = list(range(k)) if groups is None else [int(g) for g in groups]
+        if (
+            len(groups) != k
+            or groups[0] != 0
+            or any(b - a not in (0, 1) for a, b in zip(groups, groups[1:], strict=False))
+        ):
+            raise ValueError(f"groups {groups}: expected one group index per stage, contiguous from 0 (e.g. [0, 0, 1])")
+        n_groups = groups[-1] + 1
         if stage_axis not in mesh.shape:
             raise ValueError(f"mesh axes {tuple(mesh.shape)} have no stage axis {stage_axis!r}")
         for name, size in mesh.shape.items():
             if size < 1:
                 raise ValueError(f"mesh axis {name!r} is empty")
-        if mesh.shape[stage_axis] != k:
+        if mesh.shape[stage_axis] != n_groups:
             raise ValueError(
-                f"mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices but there are {k} stages: "
-                "SPMD needs exactly one position on the stage axis per stage"
+                f"mesh axis {stage_axis!r} has {mesh.shape[stage_axis]} devices but there are {k} stages in "
+                f"{n_groups} groups: SPMD needs exactly one position on the stage axis per group"
             )
         extra = set(mesh.shape) - {stage_axis} - ({data_axis} if data_axis else set())
         if extra:
@@ -596,6 +612,9 @@ class SpmdPipeline:
                     f"batch {self.batch} is not divisible by the {mesh.shape[data_axis]} devices of axis {data_axis!r}"
                 )
         self.stages, self.mesh, self.k = list(stages), mesh, k
+        self.groups, self.num_groups = groups, n_groups
+        self.members = [[j for j in range(k) if groups[j] == g] for g in range(n_groups)]
+        self.group_width = max(len(m) for m in self.members)  # metric columns per stage-axis position
         self.stage_axis, self.data_axis = stage_axis, data_axis
         spec = lambda t: jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), jnp.result_type(a)), t)  # noqa: E731
         self.x_spec = spec(example_x)
@@ -605,7 +624,7 @@ class SpmdPipeline:
         self.wire_specs = [
             wire_spec(s, st.codec, m) for s, st, m in zip(stages[:-1], example_states[:-1], messages, strict=True)
         ]
-        self.packers = [_Packer(st) for st in example_states]
+        self.packers = [_Packer([example_states[j] for j in m]) for m in self.members]
         self.num_floats = max(max(p.num_floats for p in self.packers), 1)
         self.num_ints = max(max(p.num_ints for p in self.packers), 1)
         self._tick = self._build_tick()
@@ -624,18 +643,20 @@ class SpmdPipeline:
     def _inbox_specs(self) -> tuple:
         """``ShapeDtypeStruct`` s of one device's inbox: ``(wire, targets, key_data, valid)`` per boundary."""
         valid = jax.ShapeDtypeStruct((), jnp.bool_)
-        return tuple((w, self.targets_spec, self.key_spec, valid) for w in self.wire_specs)
+        return tuple((self.wire_specs[m[-1]], self.targets_spec, self.key_spec, valid) for m in self.members[:-1])
 
     # -- state in and out ----------------------------------------------------------------------------------
     def init(self, states: Sequence[StageState]) -> SpmdState:
         """Packs ``states`` (the same on every process) into a placed :class:`SpmdState` (empty pipeline)."""
         host = [
-            p.pack(jax.device_get(st), self.num_floats, self.num_ints, np)
-            for p, st in zip(self.packers, states, strict=True)
+            p.pack(jax.device_get([states[j] for j in m]), self.num_floats, self.num_ints, np)
+            for p, m in zip(self.packers, self.members, strict=True)
         ]
         sh = self.shardings()
         inbox = jax.tree.map(
-            lambda s, spec: self._global(np.zeros((self.k, *spec.shape), spec.dtype), s), sh.inbox, self._inbox_specs()
+            lambda s, spec: self._global(np.zeros((self.num_groups, *spec.shape), spec.dtype), s),
+            sh.inbox,
+            self._inbox_specs(),
         )
         return SpmdState(
             self._global(np.stack([h[0] for h in host]), sh.floats),
@@ -658,7 +679,7 @@ class SpmdPipeline:
     def unpack(self, state: SpmdState) -> list[StageState]:
         """The per-stage :class:`StageState` s as host numpy (gathered from every process)."""
         floats, ints = _gather(state.floats), _gather(state.ints)
-        return [p.unpack(floats[j], ints[j]) for j, p in enumerate(self.packers)]
+        return [st for g, p in enumerate(self.packers) for st in p.unpack(floats[g], ints[g])]
 
     def wire_bytes(self) -> list[int]:
         """Accounting: bytes each boundary's ``ppermute`` moves per tick (the wire, its targets, its key data
@@ -683,40 +704,48 @@ class SpmdPipeline:
 
     # -- the tick ------------------------------------------------------------------------------------------
     def _build_tick(self) -> Callable[..., Any]:
-        k, ax = self.k, self.stage_axis
+        n_groups, ax, width = self.num_groups, self.stage_axis, self.group_width
         inbox_specs = self._inbox_specs()
         zeros = lambda t: jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), t)  # noqa: E731
 
-        def branch(j):
-            stage, packer = self.stages[j], self.packers[j]
+        def branch(g):
+            members, packer = self.members[g], self.packers[g]
 
             def run(f, i, inbox, x, y, key_data, valid):
-                st = packer.unpack(f, i)
-                if j > 0:
-                    wire, y, key_data, valid = inbox[j - 1]
-                    x = decode_message(self.stages[j - 1], wire)
-                key = stage_key(jax.random.wrap_key_data(key_data), j)
-                new, wire_out, m = stage_step(stage, st, x, y, key)
+                states = packer.unpack(f, i)
+                if g > 0:
+                    wire, y, key_data, valid = inbox[g - 1]
+                    x = decode_message(self.stages[members[0] - 1], wire)
+                new, losses, accs = [], [], []
+                for n, (j, st) in enumerate(zip(members, states, strict=True)):  # the group's stages in turn
+                    key = stage_key(jax.random.wrap_key_data(key_data), j)
+                    st, wire_out, m = stage_step(self.stages[j], st, x, y, key)
+                    new.append(st)
+                    losses.append(m["loss"].astype(jnp.float32))
+                    accs.append(m["accuracy"].astype(jnp.float32))
+                    if n < len(members) - 1:  # the next stage of the group takes this wire at once
+                        x = decode_message(self.stages[j], wire_out)
                 nf, ni = packer.pack(new, self.num_floats, self.num_ints)
                 nf, ni = jnp.where(valid, nf, f), jnp.where(valid, ni, i)
                 outbox = list(zeros(inbox_specs))
-                if j < k - 1:
-                    outbox[j] = (wire_out, y, key_data, valid)
-                loss, acc = (jnp.where(valid, m[n].astype(jnp.float32), jnp.nan) for n in ("loss", "accuracy"))
+                if g < n_groups - 1:
+                    outbox[g] = (wire_out, y, key_data, valid)
+                pad = [jnp.float32(jnp.nan)] * (width - len(members))
+                loss, acc = (jnp.where(valid, jnp.stack(v + pad), jnp.nan) for v in (losses, accs))
                 return nf, ni, tuple(outbox), loss, acc
 
             return run
 
-        branches = [branch(j) for j in range(k)]
+        branches = [branch(g) for g in range(n_groups)]
 
         def body(floats, ints, inbox, x, y, key_data, valid_in):
-            j = jax.lax.axis_index(ax)
+            g = jax.lax.axis_index(ax)
             inbox = jax.tree.map(lambda a: a[0], inbox)
-            nf, ni, outbox, loss, acc = jax.lax.switch(j, branches, floats[0], ints[0], inbox, x, y, key_data, valid_in)
-            # Boundary b's wire (with its targets, key and valid flag) crosses alone, from stage b to stage b+1,
+            nf, ni, outbox, loss, acc = jax.lax.switch(g, branches, floats[0], ints[0], inbox, x, y, key_data, valid_in)
+            # Boundary b's wire (with its targets, key and valid flag) crosses alone, from group b to group b+1,
             # in its own dtypes: the only collectives of the program.
-            received = tuple(jax.lax.ppermute(outbox[b], ax, [(b, b + 1)]) for b in range(k - 1))
-            return nf[None], ni[None], jax.tree.map(lambda a: a[None], received), loss[None], acc[None]
+            received = tuple(jax.lax.ppermute(outbox[b], ax, [(b, b + 1)]) for b in range(n_groups - 1))
+            return nf[None], ni[None], jax.tree.map(lambda a: a[None], received), loss, acc
 
         # Manual over the stage axis only: a data axis stays automatic (XLA splits the work inside a stage).
         stage_spec = self._spec()
@@ -744,7 +773,7 @@ class SpmdPipeline:
         """One tick (see the class docstring): stage 0 takes ``x``/``targets`` (host arrays, the same on every
         process; ignored when ``valid`` is False) and ``key`` (the key of this batch, default
         ``jax.random.key(0)``). Returns the new state and per-stage metrics ``[K]`` of this tick (NaN for a
-        stage that did not update)."""
+        stage that did not update); with stage groups ``[S * W]``, stage j at ``g * W + `` its place in group g."""
         if jax.tree.leaves(x)[0].shape[0] != self.batch:
             raise ValueError(
                 f"batch {jax.tree.leaves(x)[0].shape[0]} differs from the batch {self.batch} the pipeline was built for"
@@ -767,8 +796,9 @@ class SpmdPipeline:
         *,
         keys: Sequence[jax.Array] | None = None,
     ) -> tuple[SpmdState, dict[str, np.ndarray]]:
-        """Feeds T batches then K-1 drain ticks: the result equals T :func:`~dgl_jax.steps.dgl_step` calls
-        with keys ``fold_in(key, t)`` (default ``key``: ``jax.random.key(0)``), or ``keys[t]`` when given.
+        """Feeds T batches then S-1 drain ticks (S = K without stage groups): the result equals T
+        :func:`~dgl_jax.steps.dgl_step` calls with keys ``fold_in(key, t)`` (default ``key``:
+        ``jax.random.key(0)``), or ``keys[t]`` when given.
 
         Returns the state and host metrics ``[T, K]`` (row t: every stage's loss on batch t)."""
         batches = list(batches)
@@ -777,13 +807,16 @@ class SpmdPipeline:
         key = jax.random.key(0) if key is None else key
         zeros = jax.tree.map(np.zeros_like, (np.asarray(batches[0][0]), jax.tree.map(np.asarray, batches[0][1])))
         ticks = []
-        for t in range(len(batches) + self.k - 1):
+        for t in range(len(batches) + self.num_groups - 1):
             x, y = batches[t] if t < len(batches) else zeros
             k_t = keys[min(t, len(keys) - 1)] if keys is not None else jax.random.fold_in(key, t)
             state, m = self.tick(state, x, y, t < len(batches), k_t)
             ticks.append(m)
-        rows = np.arange(len(batches))[:, None] + np.arange(self.k)[None, :]
-        cols = np.broadcast_to(np.arange(self.k), rows.shape)
+        # stage j (the n-th of group g) takes batch t at tick t + g; its metrics are column g * width + n
+        group = np.array(self.groups)
+        col = np.array([g * self.group_width + m.index(j) for g, m in enumerate(self.members) for j in m])
+        rows = np.arange(len(batches))[:, None] + group[None, :]
+        cols = np.broadcast_to(col, rows.shape)
         return state, {name: np.stack([_gather(m[name]) for m in ticks])[rows, cols] for name in ("loss", "accuracy")}
 
 

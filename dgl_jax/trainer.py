@@ -44,6 +44,7 @@ from dgl_jax.data import (
     load_train_source,
 )
 from dgl_jax.devices import resolve_layout, split_batch
+from dgl_jax.distributed import from_process_rows, local_rows, place
 from dgl_jax.evaluation import eval_all, eval_batch, pad_eval
 from dgl_jax.files import json_ready
 from dgl_jax.input_pipeline import batch_at, epoch_order, one_step, run_chunk, streamed_step
@@ -284,7 +285,7 @@ class Trainer:
 
     def _place(self, tree: PyTree) -> PyTree:
         """``tree`` replicated over the data-parallel devices (unchanged on one device or stage-parallel)."""
-        return jax.device_put(tree, self.layout.replicated()) if self._data_parallel else tree
+        return place(tree, self.layout.replicated()) if self._data_parallel else tree
 
     def _pipeline_chunk(self, states, extra, images, labels, perm, step_base, start):
         """Stage-parallel chunk: the chunk's batches (and their step keys, as every loop derives them) through
@@ -301,8 +302,9 @@ class Trainer:
         items = [self._batch_fn(images, labels, perm, step_base, jnp.int32(s)) for s in steps]
         batches, keys = [(x, y) for x, y, _ in items], [k for _, _, k in items]
         lay, x0, y0 = self.layout, items[0][0], items[0][1]
+        group = lay.stage_group(self.num_stages)  # stage j runs on stage group group[j]
         if self._executor is None and lay.executor == "spmd":
-            self._executor = SpmdPipeline(self.stages, lay.mesh(), states, x0, y0, data_axis="data")
+            self._executor = SpmdPipeline(self.stages, lay.mesh(), states, x0, y0, data_axis="data", groups=group)
             probe = self._executor.init(states)
             self.wire_bytes = {
                 "accounted": int(sum(self._executor.wire_bytes())),
@@ -310,7 +312,7 @@ class Trainer:
             }
         elif self._executor is None:
             groups = np.array(lay.devices).reshape(lay.stage_groups, lay.data)
-            self._executor = PipelinedDGL(self.stages, Placement(tuple(tuple(g) for g in groups)))
+            self._executor = PipelinedDGL(self.stages, Placement(tuple(tuple(groups[g]) for g in group)))
         if lay.executor == "spmd":
             st, m = self._executor.run(self._executor.init(states), batches, keys=keys)
             states = self._executor.unpack(st)
@@ -319,8 +321,11 @@ class Trainer:
             self._executor.compile(placed, x0, y0)
             final, m = self._executor.run(placed, batches, keys=keys)
             states = list(jax.device_get(final))
-            accounted = int(sum(nbytes(w) for w in self._wire_items(states, x0, y0)))
-            self.wire_bytes = {"accounted": accounted, "measured": int(sum(self._executor.bytes_sent)) // len(batches)}
+            crossing = [group[b] != group[b + 1] for b in range(self.num_stages - 1)]  # between stage groups
+            wires = self._wire_items(states, x0, y0)
+            accounted = int(sum(nbytes(w) for w, c in zip(wires, crossing, strict=True) if c))
+            sent = sum(n for n, c in zip(self._executor.bytes_sent, crossing, strict=True) if c)
+            self.wire_bytes = {"accounted": accounted, "measured": int(sent) // len(batches)}
         metrics = {name: jnp.asarray(m[name]) for name in ("loss", "accuracy")}
         steps_n = len(batches)
         metrics["wire_bytes_measured"] = jnp.full((steps_n,), self.wire_bytes["measured"], jnp.float32)
@@ -337,13 +342,19 @@ class Trainer:
     def _batches(self, perm: jax.Array, start: int) -> Iterator[tuple[jax.Array, jax.Array]]:
         """grain pipeline over the epoch's batches ``start..steps_per_epoch-1``: batch ``s`` is examples
         ``perm[s*B:(s+1)*B]`` read from :attr:`source` on ``GRAIN_THREADS`` background threads, ``GRAIN_PREFETCH``
-        batches ahead, and put on the device: ``(images [B, H, W, C], labels [B])``."""
+        batches ahead, and put on the device: ``(images [B, H, W, C], labels [B])``. Data-parallel over many
+        processes, each reads only the rows its devices hold and the global batch is assembled from them."""
         import grain  # lazy: only the streaming loader needs it
 
         b, order, source = self.config.batch_size, np.asarray(jax.device_get(perm)), self.source
+        shared = self._data_parallel and jax.process_count() > 1  # each process reads its rows of the batch
+        sharding = self.layout.batch()
+        rows = local_rows(sharding, b) if shared else slice(None)
 
         def read(s: int) -> tuple[jax.Array, jax.Array]:
-            x, y = source.read(order[s * b : (s + 1) * b])
+            x, y = source.read(order[s * b : (s + 1) * b][rows])
+            if shared:
+                return from_process_rows(sharding, x, b), from_process_rows(sharding, y, b)
             return jax.device_put(x), jax.device_put(y)
 
         ds = grain.MapDataset.range(start, self.steps_per_epoch).map(read)

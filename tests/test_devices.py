@@ -45,6 +45,31 @@ def test_stage_parallel_trainer_equals_one_device(small, one_device, kw):
     assert w["measured"] == w["accounted"] > 0  # bytes from the program / the moved arrays == accounting
 
 
+@pytest.mark.parametrize("executor", ["spmd", "threads"])
+def test_stage_groups_of_several_stages_equal_one_device(small, one_device, executor):
+    # 3 stages in 2 groups ([0, 0, 1]): stages 1 and 2 share a device, only the wire between groups crosses.
+    # One chunk (4 steps): fused in one program, the group's stages round differently, and on digits the
+    # BatchNorm of nearly constant channels amplifies that over an epoch.
+    trainer = Trainer(dataclasses.replace(BASE, devices=2, parallel="stages", stage_groups=2, executor=executor),
+                      dataset=small, log=lambda s: None)  # fmt: skip
+    state = run_until(trainer, trainer.init_state(), stop_after_chunks=1)
+    ref = run_until(one_device[0], one_device[0].init_state(), stop_after_chunks=1)
+    assert trainer.layout.stage_group(3) == [0, 0, 1]
+    chex.assert_trees_all_close(jax.device_get(state.stages), jax.device_get(ref.stages), rtol=1e-4, atol=1e-5)
+    w, wire_bytes = trainer.wire_bytes, _boundary_bytes(trainer)
+    extra = 8 + 1 if executor == "spmd" else 0  # SPMD sends the batch's key data (uint32[2]) and valid flag too
+    assert w["measured"] == w["accounted"] == wire_bytes[1] + extra  # boundary 0 stays inside group 0
+
+
+def _boundary_bytes(trainer):
+    """Bytes per step of each of the K-1 boundaries' wires with their int32 targets (float32 features here)."""
+    from dgl_jax.stage import message_specs
+
+    x = trainer.example_batch
+    msgs = message_specs(trainer.stages, trainer.init_state().stages, x)
+    return [int(np.prod(m.shape)) * 4 + x.shape[0] * 4 for m in msgs]
+
+
 def test_stages_plus_data_step_equals_one_device_with_the_same_split(small):
     def first_step(**kw):
         trainer = Trainer(dataclasses.replace(BASE, split=2, chunk_steps=1, **kw), dataset=small, log=lambda s: None)
@@ -85,6 +110,51 @@ def test_data_parallel_step_matches_one_device_and_resume_is_bit_identical(small
         if n == 4:
             resumed = run_until(t, fresh._replace(stages=tree["stages"], epoch=meta["epoch"], step=meta["step"]))
             chex.assert_trees_all_equal(resumed.stages, straight.stages)
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [dict(devices=3, parallel="stages"), dict(devices=2, parallel="stages", stage_groups=2, executor="threads")],
+    ids=["spmd", "threads-groups"],
+)
+def test_stage_parallel_resume_from_a_checkpoint_is_bit_identical(small, tmp_path, kw):
+    trainer = Trainer(dataclasses.replace(BASE, **kw), dataset=small, log=lambda s: None)
+    straight = run_until(trainer, trainer.init_state())
+    stopped = run_until(trainer, trainer.init_state(), stop_after_chunks=1)
+    Checkpointer(tmp_path).save(4, state_tree(stopped.stages, stopped.extra, stopped.key), {})
+    fresh = trainer.init_state()
+    tree, _ = Checkpointer(tmp_path).restore(state_tree(fresh.stages, fresh.extra, fresh.key))
+    resumed = run_until(trainer, stopped._replace(stages=tree["stages"], key=jax.random.wrap_key_data(tree["key"])))
+    chex.assert_trees_all_equal(jax.device_get(resumed.stages), jax.device_get(straight.stages))
+
+
+def test_vq_codes_reach_the_receiver_as_uint8_on_its_device():
+    from dgl_jax.accounting import nbytes
+    from dgl_jax.codecs import parse_codec
+    from dgl_jax.parallel import PipelinedDGL, SpmdPipeline, make_placement
+    from dgl_jax.stage import with_codec
+    from dgl_jax.steps import stage_step
+
+    stages = with_codec(with_optimizer(get_model("small_cnn", split=2), lambda j: make_optimizer("sgd", 0.05)),
+                        parse_codec("vq-packed:16:4"))  # fmt: skip
+    x, y = jax.random.normal(jax.random.key(1), (8, 8, 8, 1)), jnp.arange(8) % 10
+    states = init_stage_states(stages, jax.random.key(0), x)
+    receiver = jax.devices()[1]
+    # threads: what stage 1's thread receives is the wire put on its device, codes still uint8
+    pipe = PipelinedDGL(stages, make_placement(2, devices=jax.devices()[:2]))
+    placed = pipe.place(states)
+    pipe.compile(placed, x, y)
+    wire = stage_step(stages[0], states[0], x, y, jax.random.key(2))[1]
+    got = pipe.put(1, wire)
+    assert got.codes.data.dtype == jnp.uint8 and got.codes.data.devices() == {receiver}
+    _, _ = pipe.run(placed, [(x, y)] * 2)
+    assert pipe.bytes_sent == [2 * (nbytes(wire) + nbytes(y))]  # what the threads moved
+    # SPMD: row 1 of the inbox (stage 1's) lives on the stage axis' second device, as uint8 codes
+    mesh = jax.make_mesh((2,), ("stage",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+    spmd = SpmdPipeline(stages, mesh, states, x, y)
+    st, _ = spmd.run(spmd.init(states), [(x, y)])
+    (shard,) = [s for s in st.inbox[0][0].codes.data.addressable_shards if s.index[0].start == 1]
+    assert shard.data.dtype == jnp.uint8 and shard.device == receiver
 
 
 @pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto], ids=["explicit", "auto"])

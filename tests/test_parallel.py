@@ -189,6 +189,21 @@ def test_spmd_heterogeneous_stages_match_dgl_step(model, reference):
     np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL, atol=ATOL)
 
 
+def test_spmd_stage_groups_of_several_stages_match_dgl_step(model, reference):
+    """Stages 0 and 1 in group 0 (one device), stage 2 in group 1: one wire crosses, S-1 = 1 drain tick."""
+    stages, states = model
+    pipe = SpmdPipeline(stages, _mesh((2,), ("stage",)), states, X[0], groups=[0, 0, 1])
+    state, m = pipe.tick(pipe.init(states), X[0], Y[0])
+    assert np.isfinite(np.asarray(m["loss"])[:2]).all() and np.isnan(np.asarray(m["loss"])[2:]).all()
+    state, metrics = pipe.run(pipe.init(states), [(X[t], Y[t]) for t in range(T)])
+    ref_states, ref_loss = reference
+    chex.assert_trees_all_close(pipe.unpack(state), jax.device_get(ref_states), rtol=RTOL, atol=ATOL)
+    np.testing.assert_allclose(metrics["loss"], ref_loss, rtol=RTOL, atol=ATOL)
+    assert pipe.wire_bytes() == [16 * 4 * 4 * 64 * 4 + 16 * 4 + 8 + 1]  # stage 1's features, labels, key, valid
+    with pytest.raises(ValueError, match="contiguous from 0"):
+        SpmdPipeline(stages, _mesh((2,), ("stage",)), states, X[0], groups=[0, 1, 0])
+
+
 def test_spmd_stage_and_data_axes_match_dgl_step():
     stages = with_optimizer(get_model("small_cnn", split=2), lambda j: make_optimizer("sgd", 0.05))
     states = init_stage_states(stages, jax.random.key(0), X[0])
