@@ -93,11 +93,12 @@ from dgl_jax.models import cifar_cnn  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 GBIT = 1e9
 SCHEMES = ("dgl_sync", "dgl_async", "dgl_vq", "bp_data_parallel", "bp_gpipe")
-MODELS = {  # name: (zoo model, options, batch; 0: --batch)
-    "cnn4_w0.5": ("cnn4", {"width_mult": 0.5}, 0),
-    "cnn4_w1": ("cnn4", {}, 0),
-    # VGG-19 (CIFAR layout) at batch 32 to fit the default run's time on 2 shared cores
-    "vgg19": ("vgg19", {"num_classes": 10, "classifier_hidden": 512, "classifier_pool": 1}, 32),
+MODELS = {  # name: (zoo model, options, batch (0: --batch), VQ codec (None: --vq))
+    "cnn4_w0.5": ("cnn4", {"width_mult": 0.5}, 0, None),
+    "cnn4_w1": ("cnn4", {}, 0, None),
+    # VGG-19 (CIFAR layout) at batch 32 to fit the default run's time on 2 shared cores; its 2x2 messages hold
+    # 128 vectors per group at that batch, so 128 codes (the codebook is seeded from one message)
+    "vgg19": ("vgg19", {"num_classes": 10, "classifier_hidden": 512, "classifier_pool": 1}, 32, "vq-packed:128:16"),
 }
 
 
@@ -224,7 +225,7 @@ def model_batch(name: str, batch: int) -> int:
 
 
 def _stages(name: str, split, batch: int, size: int, head: str, codec=None):
-    model, opts, _ = MODELS[name]
+    model, opts = MODELS[name][:2]
     stages = get_model(model, split=split, head=head, **opts)
     stages = with_optimizer(stages, lambda j: make_optimizer("sgd", 0.1, momentum=0.9, weight_decay=5e-4))
     if codec is not None:
@@ -261,7 +262,8 @@ def profile_model(name: str, args: argparse.Namespace) -> dict:
     grad_bytes = nbytes([s.params for s in bp_states])
 
     splits = {}
-    vq = parse_codec(args.vq)
+    vq_spec = MODELS[name][3] or args.vq
+    vq = parse_codec(vq_spec)
     for k in args.ks:
         if k > n:
             continue
@@ -286,6 +288,7 @@ def profile_model(name: str, args: argparse.Namespace) -> dict:
             "stage_bp_s": [backprop_s * s / sum(share) for s in share],
             "float32_bytes": traffic["float32"],
             "vq_bytes": traffic["vq"],
+            "vq_codec": vq_spec,
             "act_bytes": acts,
             "predicted_speedup": sum(m["local_update"] for m in measured) / max(m["local_update"] for m in measured),
         }
@@ -423,7 +426,8 @@ def render(grid: dict, preds: dict, steps: dict, args: argparse.Namespace) -> st
             lines.append(
                 f"- K={k}: best split {sp['split']}, stage ms {[round(1000 * s, 1) for s in sp['stage_s']]} "
                 f"(from units {[round(1000 * s, 1) for s in sp['stage_s_from_units']]}), predicted speed-up "
-                f"{sp['predicted_speedup']:.2f}; bytes per boundary float32 {sp['float32_bytes']}, VQ {sp['vq_bytes']}"
+                f"{sp['predicted_speedup']:.2f}; bytes per boundary float32 {sp['float32_bytes']}, "
+                f"{sp.get('vq_codec', args.vq)} {sp['vq_bytes']}"
             )
         lines += [
             f"- backprop step {1000 * prof['backprop_s']:.1f} ms, gradient bytes {prof['grad_bytes']}",
@@ -520,7 +524,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tiny", action="store_true", help="small model, 2 validation cells: checks the script runs")
     args = p.parse_args(argv)
     if args.tiny:
-        MODELS["tiny"] = ("small_cnn", {}, 0)
+        MODELS["tiny"] = ("small_cnn", {}, 0, None)
         args.models, args.ks, args.batch, args.size, args.repeats = ["tiny"], [2], 8, 8, 1
         args.vq, args.val_wait_ms, args.val_latencies_ms, args.val_steps, args.val_repeats = (
             "vq-packed:16:16", 20.0, [0.0, 30.0], 6, 1)  # fmt: skip
