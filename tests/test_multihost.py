@@ -6,7 +6,6 @@ folder. Bounded by subprocess timeouts: never hangs CI."""
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,9 @@ from pathlib import Path
 import chex
 import jax
 import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _processes import free_port, run_together  # noqa: E402
 
 from dgl_jax import cli
 from dgl_jax.checkpoint import Checkpointer, state_tree
@@ -24,12 +26,6 @@ ROOT = Path(__file__).parents[1]
 RECIPE = ["--split", "2", "--validation", "0.9", "--chunk-steps", "2", "--no-progress"]  # 2 steps per epoch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(devices: int, **more: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **more)
@@ -38,31 +34,9 @@ def _env(devices: int, **more: str) -> dict:
 
 
 def _two_processes(args: list[str], cwd: Path) -> None:
-    port = _free_port()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "dgl_jax", "train", *args, "--coordinator", f"127.0.0.1:{port}"]
-            + ["--num-processes", "2", "--process-id", str(i)],
-            cwd=cwd,
-            env=_env(2),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"two-process run did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
-    assert [p.returncode for p in procs] == [0, 0], "\n".join(log[-3000:] for log in logs)
+    port = free_port()
+    cmd = [sys.executable, "-m", "dgl_jax", "train", *args, "--coordinator", f"127.0.0.1:{port}"]
+    run_together([[*cmd, "--num-processes", "2", "--process-id", str(i)] for i in range(2)], _env(2), TIMEOUT_S, cwd)
 
 
 def _restored(trainer: Trainer, run: Path, step: int) -> dict:
@@ -126,7 +100,7 @@ def test_process_flags_that_make_no_sense_are_one_line(tmp_path, capsys, flags, 
 
 def test_unreachable_coordinator_is_one_line_and_exit_2(tmp_path):
     out = tmp_path / "run"
-    args = ["--coordinator", f"127.0.0.1:{_free_port()}", "--num-processes", "2", "--process-id", "1"]
+    args = ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2", "--process-id", "1"]
     p = subprocess.run(
         [sys.executable, "-m", "dgl_jax", "train", "--out", str(out), *args],
         env=_env(1, DGL_JAX_INIT_TIMEOUT_S="3"),

@@ -4,59 +4,31 @@ result must equal T single-device ``dgl_step`` calls. Bounded by subprocess time
 import functools
 import os
 import pathlib
-import socket
-import subprocess
 import sys
 
 import chex
 import jax
 import numpy as np
-import pytest
 
 from dgl_jax import dgl_step
 
 HERE = pathlib.Path(__file__).parent
 sys.path.insert(0, str(HERE))
 import _multiprocess_worker as worker  # noqa: E402
+from _processes import free_port, run_together  # noqa: E402
 
 TIMEOUT_S = 240
 RTOL, ATOL = 1e-4, 1e-5  # float reassociation (data-parallel gradient sums, packed vs tree updates)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_agree_with_single_device(tmp_path):
     out = tmp_path / "result.npz"
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(HERE / "_multiprocess_worker.py"), str(i), str(port), str(out)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=TIMEOUT_S)[0])
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"multi-process run did not finish within {TIMEOUT_S} s")
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(10)
+    worker_argv = [sys.executable, str(HERE / "_multiprocess_worker.py")]
+    logs = run_together([[*worker_argv, str(i), str(port), str(out)] for i in range(2)], env, TIMEOUT_S)
     tails = "\n".join(log[-3000:] for log in logs)
-    assert [p.returncode for p in procs] == [0, 0], tails
     assert "process 0 done" in logs[0] and "process 1 done" in logs[1], tails
 
     stages, states, x, y = worker.problem()
