@@ -108,7 +108,7 @@ TABLES: dict[str, Table] = {
             Run("DGL", dict(method="dgl")),
             Run("sequential", dict(method="sequential")),
             # the cause the first round named for sequential's lead: 4x more epochs in total; here E/4 per stage
-            Run("sequential, same total epochs", dict(method="sequential", epochs_divisor=4)),
+            Run("sequential (same total epochs)", dict(method="sequential", epochs_divisor=4)),
         ],
         paper={"DGL": 89.86, "sequential": 89.13},
         note="paper: CIFAR-10, 4-stage CNN 64-128-128-256, mlp-sr heads, 50 epochs (official logs); sequential "
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(str(e))
     runs = table.runs
     if args.runs:
-        wanted = args.runs.split(",")
+        wanted = [w.strip() for w in args.runs.split(",")]
         unknown = [w for w in wanted if w not in {r.label for r in runs}]
         if unknown:
             p.error(f"unknown runs {unknown} for {args.table}; expected some of {[r.label for r in runs]}")
@@ -404,10 +404,9 @@ def main(argv: list[str] | None = None) -> dict:
         "table": args.table,
         "budget": budget,
         "dataset": dataset.name,
-        "configs": {  # every run of the table (a subset with --runs fills the same grid)
-            r.label: {k: v for k, v in config_to_dict(run_config(table, r, budget, 0)).items() if k != "seed"}
-            for r in table.runs
-        },
+        # every run of the table (a subset with --runs fills the same grid), as its fields that differ from
+        # TrainConfig's defaults: a field added later with a default does not orphan finished cells
+        "configs": {r.label: recipe(run_config(table, r, budget, 0)) for r in table.runs},
     }
     header = {
         "table": args.table,
@@ -444,6 +443,13 @@ def main(argv: list[str] | None = None) -> dict:
     result = json.loads(stem.with_suffix(".json").read_text())
     print(markdown(args.table, table, result))
     return result
+
+
+def recipe(config: TrainConfig) -> dict:
+    """The fields of ``config`` that differ from :class:`TrainConfig`'s defaults, seed excluded (JSON form)."""
+    default = json.loads(json.dumps(config_to_dict(TrainConfig())))
+    mine = json.loads(json.dumps(config_to_dict(config)))
+    return {k: v for k, v in mine.items() if k != "seed" and v != default.get(k)}
 
 
 def _config(d: dict) -> TrainConfig:

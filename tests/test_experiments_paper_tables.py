@@ -37,6 +37,7 @@ def test_every_table_config_is_valid_in_every_budget():
 
     for table in paper_tables.TABLES.values():
         for run in table.runs:
+            assert "," not in run.label  # --runs takes comma-separated labels
             for budget in ("converged", "cpu", "paper", "tiny"):
                 validate_config(paper_tables.run_config(table, run, budget, seed=0))
 
@@ -63,7 +64,7 @@ def test_cells_resume_and_differences_are_called_only_beyond_the_spread(tmp_path
 
 def test_sequential_same_total_epochs_divides_the_epochs_and_the_decay():
     table = paper_tables.TABLES["sequential_vs_parallel"]
-    run = next(r for r in table.runs if r.label == "sequential, same total epochs")
+    run = next(r for r in table.runs if r.label == "sequential (same total epochs)")
     cfg = paper_tables.run_config(table, run, "converged", seed=0)
     full = paper_tables.run_config(table, table.runs[0], "converged", seed=0)
     assert cfg.method == "sequential" and cfg.epochs == full.epochs // 4
