@@ -37,6 +37,7 @@ from dgl_jax.data import Dataset, load_dataset
 from dgl_jax.files import save_figure, write_atomic, write_json
 from dgl_jax.models import get_model, stage_costs
 from dgl_jax.presets import preset_config
+from dgl_jax.sweep import parse_seeds
 from dgl_jax.trainer import TrainConfig, Trainer, config_to_dict
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -357,13 +358,6 @@ def render(json_path: str | os.PathLike) -> str:
     """Rewrites the markdown table and the plot next to a results JSON (after a change of format)."""
     path = Path(json_path)
     return write_outputs(json.loads(path.read_text())["table"], json.loads(path.read_text()), path.with_suffix(""))
-
-
-def parse_seeds(text: str) -> list[int]:
-    seeds = [int(s) for s in text.split(",") if s.strip()]
-    if not seeds or len(set(seeds)) != len(seeds):
-        raise ValueError(f"--seeds {text!r}: give distinct integers, e.g. 0,1,2")
-    return seeds
 
 
 def main(argv: list[str] | None = None) -> dict:
