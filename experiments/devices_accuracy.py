@@ -27,6 +27,7 @@ from common import machine  # noqa: E402
 
 from dgl_jax.cells import run_grid  # noqa: E402
 from dgl_jax.files import write_atomic  # noqa: E402
+from dgl_jax.sweep import parse_seeds  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 LAYOUTS = {
@@ -88,9 +89,10 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.epochs, args.seeds = 1, "0"
         layouts = {k: LAYOUTS[k] for k in ("1 device", "stages x3 (spmd)")}
-    seeds = [int(s) for s in args.seeds.split(",")]
-    if len(set(seeds)) != len(seeds):
-        p.error(f"--seeds {args.seeds}: seeds repeat")
+    try:
+        seeds = parse_seeds(args.seeds)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(args.out)
     cells = [
         (f"{name}/{seed}", functools.partial(run_cell, flags, seed, args.epochs))
