@@ -33,7 +33,7 @@ waited. :func:`dgl_jax.accounting.buffer_memory` gives the bytes of the stored i
 
 **Real asynchrony.** Every wall-clock executor runs :func:`stage_loop` once per stage with the programs of
 :func:`compile_stage` (the same jitted :func:`~dgl_jax.steps.stage_step` and codec functions), wires
-arriving through an :class:`Inbox` (bounded, with an optional injected link latency).
+arriving through an :class:`Inbox` (bounded, with an optional injected link latency and emulated bandwidth).
 :func:`run_threaded`: one Python thread per stage (the thread machinery of :mod:`dgl_jax.parallel`:
 :class:`~dgl_jax.parallel.Workers`), stage j's state and its input buffer committed to its own device; a
 stage waits only when its buffer has nothing to sample. Worker errors propagate to the caller;
@@ -429,13 +429,41 @@ class _End:
 END = _End()  # what a stage sends on its link once it has taken its last update of a run
 
 
+def link_schedule(
+    put_s: float, link_free_s: float, nbytes_: int, bandwidth_bps: float | None, latency_s: float
+) -> tuple[float, float]:
+    """When an item of ``nbytes_`` bytes put on a link at ``put_s`` becomes readable, and when the link is free
+    again: the link sends one item at a time, from ``start = max(put_s, link_free_s)`` for ``8 nbytes_ /
+    bandwidth_bps`` seconds (0 for ``bandwidth_bps=None``: infinite), then the item travels ``latency_s``.
+    Returns ``(start + send + latency_s, start + send)``; ready times never decrease, so items stay in order."""
+    done = max(put_s, link_free_s) + (0.0 if bandwidth_bps is None else 8.0 * nbytes_ / bandwidth_bps)
+    return done + latency_s, done
+
+
+def check_bandwidth(bandwidth_bps: float | None) -> None:
+    """``ValueError`` (one line) unless ``bandwidth_bps`` is None (infinite) or a number > 0 (bit/s)."""
+    if bandwidth_bps is not None and not float(bandwidth_bps) > 0:
+        raise ValueError(f"link bandwidth must be > 0 bit/s or None (infinite), got {bandwidth_bps}")
+
+
+def _array_bytes(item: Any) -> int:
+    """``nbytes`` of the array leaves of ``item`` (markers such as :data:`END` and ints count 0)."""
+    from dgl_jax.accounting import nbytes
+
+    return 0 if item is END else nbytes([a for a in jax.tree.leaves(item) if hasattr(a, "dtype")])
+
+
 class Inbox:
     """A stage's incoming link: a bounded FIFO of items, each readable ``delay_s`` seconds after it was put
-    (an injected link latency; items stay in order). ``maxsize`` (None: unbounded) counts the items in flight
-    and waiting: when it is reached, ``put`` waits for the consumer (back-pressure: lock-step runs) or, with
-    ``drop_oldest``, drops the oldest item (free-running runs: the replay buffer would overwrite it anyway;
-    :attr:`dropped` counts them). :data:`END` is never dropped and never waits. Waits poll ``stop`` every
-    ``poll_s`` and raise :class:`~dgl_jax.parallel.Stopped` once it is set."""
+    (an injected link latency; items stay in order). With ``bandwidth_bps`` (bit/s; None: infinite) the link
+    also sends one item at a time, ``8 nbytes / bandwidth_bps`` seconds each (``nbytes`` of the item's arrays,
+    :func:`dgl_jax.accounting.nbytes`), before its latency (:func:`link_schedule`); ``put`` then first waits
+    until the item's arrays are computed, so sending starts once the data exists. ``maxsize`` (None:
+    unbounded) counts the items in flight and waiting: when it is reached, ``put`` waits for the consumer
+    (back-pressure: lock-step runs) or, with ``drop_oldest``, drops the oldest item (free-running runs: the
+    replay buffer would overwrite it anyway; :attr:`dropped` counts them; the link time it took stays spent).
+    :data:`END` is never dropped and never waits. Waits poll ``stop`` every ``poll_s`` and raise
+    :class:`~dgl_jax.parallel.Stopped` once it is set."""
 
     def __init__(
         self,
@@ -444,12 +472,16 @@ class Inbox:
         drop_oldest: bool = False,
         stop: threading.Event | None = None,
         poll_s: float = 0.05,
+        bandwidth_bps: float | None = None,
     ):
         if maxsize is not None and maxsize < 1:
             raise ValueError(f"inbox maxsize must be >= 1 or None, got {maxsize}")
         if not delay_s >= 0:
             raise ValueError(f"link delay must be >= 0 seconds, got {delay_s}")
+        check_bandwidth(bandwidth_bps)
         self.maxsize, self.delay_s, self.drop_oldest = maxsize, float(delay_s), drop_oldest
+        self.bandwidth_bps = None if bandwidth_bps is None else float(bandwidth_bps)
+        self.link_free = -float("inf")  # time.monotonic() from which the link is free to send the next item
         self.stop = threading.Event() if stop is None else stop
         self.poll_s = poll_s
         self.dropped = 0
@@ -474,7 +506,11 @@ class Inbox:
             self._cond.notify_all()
 
     def put(self, item: Any) -> None:
-        """Appends ``item`` (readable from now + ``delay_s``), waiting or dropping as described above."""
+        """Appends ``item`` (readable when :func:`link_schedule` says), waiting or dropping as described above."""
+        nbytes_ = 0
+        if self.bandwidth_bps is not None:
+            jax.block_until_ready(item)
+            nbytes_ = _array_bytes(item)
         with self._cond:
             if self._closed:
                 self.dropped += item is not END
@@ -490,7 +526,10 @@ class Inbox:
                     break
                 self._check_stop()
                 self._cond.wait(self.poll_s)
-            self._items.append((time.monotonic() + self.delay_s, item))
+            ready, self.link_free = link_schedule(
+                time.monotonic(), self.link_free, nbytes_, self.bandwidth_bps, self.delay_s
+            )
+            self._items.append((ready, item))
             self._cond.notify_all()
 
     def get_nowait(self) -> Any:
@@ -726,15 +765,21 @@ def _consume(stage: Stage, sender: Stage, config: AsyncConfig, state: StageState
 
 
 def check_wallclock(
-    num_stages: int, slow_stage: int | None, slowdown: float, slow_extra_s: float, link_delay_s: float
+    num_stages: int,
+    slow_stage: int | None,
+    slowdown: float,
+    slow_extra_s: float,
+    link_delay_s: float,
+    link_bandwidth_bps: float | None = None,
 ) -> None:
-    """``ValueError`` (one line) for a bad injected slow-down or link delay of a wall-clock run."""
+    """``ValueError`` (one line) for a bad injected slow-down, link delay or link bandwidth of a wall-clock run."""
     _check_stage(slow_stage, num_stages)
     _check_slowdown(slowdown)
     if not slow_extra_s >= 0:
         raise ValueError(f"slow_extra_s must be >= 0, got {slow_extra_s}")
     if not link_delay_s >= 0:
         raise ValueError(f"link delay must be >= 0 seconds, got {link_delay_s}")
+    check_bandwidth(link_bandwidth_bps)
 
 
 def update_counts(num_updates: int | Sequence[int | None], num_stages: int) -> list[int | None]:
@@ -763,6 +808,7 @@ def run_threaded(
     slow_extra_s: float = 0.0,
     slowdown: float = 1.0,
     link_delay_s: float = 0.0,
+    link_bandwidth_bps: float | None = None,
     lockstep: bool = False,
     queue_size: int | None = None,
     buffers: Sequence[buffer.BufferState | None] | None = None,
@@ -776,7 +822,8 @@ def run_threaded(
     wires (on its device, ``config`` gives capacity/policy/max_reuse; ``buffers`` continues from those of an
     earlier call), which the stage below fills by sending its wire (``device_put`` to stage j's device,
     through an :class:`Inbox` of ``queue_size`` items, None: unbounded; ``link_delay_s`` seconds of injected
-    latency). Each step's key comes from splitting stage j's key ``fold_in(key, j)``.
+    latency; ``link_bandwidth_bps`` bit/s of emulated bandwidth, None: infinite, see :func:`link_schedule`).
+    Each step's key comes from splitting stage j's key ``fold_in(key, j)``.
 
     Free-running, a stage waits only when its buffer has nothing to sample; if the stage below has finished
     and nothing can be sampled, it stops early (``updates[j] < num_updates[j]``); no item is overwritten
@@ -795,7 +842,7 @@ def run_threaded(
         raise ValueError(f"got {len(stages)} stages but {len(states)} states")
     if not batches:
         raise ValueError("run_threaded needs at least one batch")
-    check_wallclock(k, slow_stage, slowdown, slow_extra_s, link_delay_s)
+    check_wallclock(k, slow_stage, slowdown, slow_extra_s, link_delay_s, link_bandwidth_bps)
     n_up = update_counts(num_updates, k)
     devices = list(jax.devices() if devices is None else devices)
     devs = [devices[j % len(devices)] for j in range(k)]
@@ -862,7 +909,7 @@ def run_threaded(
     with Workers() as w:
         # a full inbox (queue_size items) makes the producer wait; None: unbounded
         for j in range(1, k):
-            inboxes[j] = Inbox(queue_size, link_delay_s, stop=w.stop)
+            inboxes[j] = Inbox(queue_size, link_delay_s, stop=w.stop, bandwidth_bps=link_bandwidth_bps)
         for j in range(k):
             w.spawn(worker, j, name=f"async-stage{j}")
         w.join(timeout_s)

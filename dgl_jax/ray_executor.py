@@ -14,7 +14,8 @@ the receiver puts it into its replay buffer, on its own device.
   stays bounded whatever the speeds.
 * **Injected slow-down and link delay**, as in :func:`~dgl_jax.asynchronous.run_threaded`: ``slow_stage``
   sleeps ``slowdown - 1`` times each update's duration; every item becomes readable ``link_delay_s``
-  seconds after it reached the receiver.
+  seconds after it reached the receiver (with ``link_bandwidth_bps``, after its emulated sending time on the
+  receiver's inbox, :func:`~dgl_jax.asynchronous.link_schedule`).
 * **Fault tolerance.** Every actor checkpoints its stage state, key and update count (orbax, through
   :class:`~dgl_jax.checkpoint.Checkpointer`) every ``checkpoint_every`` updates and whenever the driver sets
   its state, into ``<run>/stage<j>/``. An actor that dies (``kill -9`` of its process) is restarted by Ray
@@ -148,6 +149,7 @@ class Options(NamedTuple):
     link_delay_s: float = 0.0
     queue_size: int = 4
     checkpoint_every: int = 100
+    link_bandwidth_bps: float | None = None  # bit/s of emulated link bandwidth (None: infinite)
 
 
 def _host(tree: PyTree) -> PyTree:
@@ -189,7 +191,9 @@ class StageActor:
             self.buf = jax.device_put(buffer.init(config.capacity, asy._zeros(item)), self.device)
         x, y = jax.device_put(tuple(jnp.zeros(s.shape, s.dtype) for s in example), self.device)
         self.program = asy.compile_stage(self.stages, j, config, self.state, self.buf, x, y, self.key)
-        self.inbox = asy.Inbox(options.queue_size, options.link_delay_s, stop=self.stop_event)
+        self.inbox = asy.Inbox(
+            options.queue_size, options.link_delay_s, stop=self.stop_event, bandwidth_bps=options.link_bandwidth_bps
+        )
         self._lock = threading.Lock()
         self._next_seq: int | None = None
         self._early: dict[int, Any] = {}
@@ -412,7 +416,8 @@ class RayExecutor:
         options = Options() if options is None else options
         if len(states) != k:
             raise ValueError(f"got {k} stages but {len(states)} states")
-        asy.check_wallclock(k, options.slow_stage, options.slowdown, options.slow_extra_s, options.link_delay_s)
+        o = options
+        asy.check_wallclock(k, o.slow_stage, o.slowdown, o.slow_extra_s, o.link_delay_s, o.link_bandwidth_bps)
         if options.queue_size < 1 or options.checkpoint_every < 0:
             raise ValueError(f"queue_size must be >= 1 and checkpoint_every >= 0, got {options}")
         self.k, self.options, self.config = k, options, config

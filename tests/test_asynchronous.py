@@ -1,6 +1,7 @@
 """Asynchronous DGL: simulation inside one jitted scan, schedules, bad input, threaded runner on fake devices."""
 
 import functools
+import queue
 
 import chex
 import jax
@@ -143,6 +144,7 @@ def test_threaded_runner_on_two_fake_devices(model):
         devices=devs,
         slow_stage=1,
         slow_extra_s=0.02,
+        link_bandwidth_bps=1e12,  # the emulated-bandwidth path, at a rate that costs nothing
         timeout_s=120,
     )
     assert res.updates.tolist() == [4, 3, 5]
@@ -155,6 +157,40 @@ def test_threaded_runner_on_two_fake_devices(model):
     # the params moved: every stage trained
     for a, b in zip(states, res.states):
         assert not np.allclose(np.asarray(jax.tree.leaves(a.params)[0]), np.asarray(jax.tree.leaves(b.params)[0]))
+
+
+def test_link_schedule_sends_one_item_at_a_time_then_adds_latency():
+    # 1000 bytes at 8000 bit/s: 1 s on the link, then 0.25 s of latency
+    assert A.link_schedule(10.0, 0.0, 1000, 8000.0, 0.25) == (11.25, 11.0)
+    # put while the link is busy until 11: it waits for the link
+    assert A.link_schedule(10.5, 11.0, 1000, 8000.0, 0.25) == (12.25, 12.0)
+    # an idle link starts at the put
+    assert A.link_schedule(20.0, 12.0, 500, 8000.0, 0.0) == (20.5, 20.5)
+    # infinite bandwidth: latency only, the link is free at the put
+    assert A.link_schedule(3.0, 2.0, 10**9, None, 0.5) == (3.5, 3.0)
+
+
+def test_inbox_bandwidth_counts_the_items_array_bytes():
+    inbox = A.Inbox(bandwidth_bps=8.0)  # one byte per second
+    item = (np.zeros(250, np.float32), jnp.zeros(10, jnp.int32))  # 1000 + 40 bytes
+    inbox.put(item)
+    first = inbox.link_free
+    inbox.put(item)  # queued behind the first: the link is free 1040 s later
+    assert inbox.link_free - first == pytest.approx(1040.0)
+    inbox.put(A.END)  # no bytes: behind the items, no link time
+    assert inbox.link_free - first == pytest.approx(1040.0)
+    with pytest.raises(queue.Empty):
+        inbox.get_nowait()
+
+
+def test_bad_link_bandwidth_is_one_line(model):
+    stages, states = model
+    for bad in (0.0, -1e9, float("nan")):
+        with pytest.raises(ValueError, match="bandwidth must be > 0") as e:
+            A.run_threaded(stages, states, [(X[0], Y[0])], A.AsyncConfig(), num_updates=1, link_bandwidth_bps=bad)
+        assert "\n" not in str(e.value)
+    with pytest.raises(ValueError, match="bandwidth must be > 0"):
+        A.Inbox(bandwidth_bps=0)
 
 
 def test_threaded_runner_propagates_worker_errors(model):
