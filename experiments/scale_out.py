@@ -1,9 +1,9 @@
 """Scale-out model: step time, speed-up and time-to-accuracy of DGL and backprop schemes on K devices over
 real links, predicted from a measured per-stage profile, and validated against the threaded executor on fake
-CPU devices with injected stage times and link delays (resumable).
+CPU devices with injected stage times, link delays and emulated link bandwidth (resumable).
 
     python experiments/scale_out.py            # profile cnn4 (width 0.5, 1) and VGG-19, validate (~20 min here)
-    python experiments/scale_out.py --tiny     # small_cnn, 2 validation cells (seconds; used by the tests)
+    python experiments/scale_out.py --tiny     # small_cnn, 2 validation cells (one with bandwidth; used by the tests)
 
 **Inputs (measured here, each model one cell).** Batch 128 of 32x32x3 (VGG-19: 32), SGD. For every trunk
 unit (conv layer) ``i`` of the model alone (one stage per unit, its auxiliary head; the last unit: the classifier):
@@ -40,11 +40,18 @@ assumption for GPU-class devices, not a measurement).
 latency-bound stages: each stage of a tiny CNN waits in a host callback inside its compiled step (``wait``
 ms, proportional to the measured cnn4 best split's stage times), so cores stay idle and only the executor
 and the links decide the overlap. ``asynchronous.run_threaded(lockstep=True)`` (pipelined synchronous DGL,
-one thread per stage on its own fake CPU device) runs N batches with ``link_delay_s`` of injected latency;
-its wall time (median over repeats) is compared with :func:`pipeline_makespan` of the stages' measured
-times alone. The executor's latency starts when the sender puts the item: for stage 0 at dispatch (its
-output is ready ``t_0`` later, so the hop adds ``max(0, L - t_0)``), for later stages once their step is
-done (the hop adds ``L``). Bandwidth is not emulated by the executor: the bandwidth terms are not validated.
+one thread per stage on its own fake CPU device) runs N batches; its wall time (median over repeats) is
+compared with :func:`pipeline_makespan` of the stages' measured times alone (hops: :func:`validation_hops`).
+
+* Latency cells (``link_delay_s`` of injected latency, infinite bandwidth) test the fill term. The
+  executor's latency starts when the sender puts the item: for stage 0 at dispatch (its output is ready
+  ``t_0`` later, so the hop adds ``max(0, L - t_0)``), for later stages once their step is done (``L``).
+* Bandwidth cells (``link_bandwidth_bps`` emulated as well, ``link_ratio`` x: the largest wire's sending
+  time ``8 b / bw`` is that many times the slowest stage's wait, b the real bytes of the float32 message and
+  int32 labels, ``accounting.nbytes``) test the steady-state term ``max(max_j t_j, max_j 8 b_j / bw)``: with
+  ratio > 1 the link is the bottleneck, near 1 link and stage are comparable. Each link sends one item at a
+  time once it is computed (:func:`dgl_jax.asynchronous.link_schedule`), so a hop is ``L + 8 b_j / bw`` and
+  the link is busy ``8 b_j / bw`` per item.
 """
 
 from __future__ import annotations
@@ -84,7 +91,7 @@ from dgl_jax import (  # noqa: E402
     with_optimizer,
 )
 from dgl_jax.accounting import boundary_traffic, float32_bytes, nbytes  # noqa: E402
-from dgl_jax.asynchronous import AsyncConfig, run_threaded  # noqa: E402
+from dgl_jax.asynchronous import AsyncConfig, buffer_items, run_threaded  # noqa: E402
 from dgl_jax.cells import GridError, run_grid  # noqa: E402
 from dgl_jax.codecs import parse_codec  # noqa: E402
 from dgl_jax.files import write_atomic  # noqa: E402
@@ -323,8 +330,27 @@ def waiting_loss(loss_fn, wait_s: float):
     return lambda out, y: loss_fn(wait(out), y)
 
 
-def validate_cell(waits_s: Sequence[float], latency_s: float, args: argparse.Namespace) -> dict:
-    """Measured wall time of ``args.val_steps`` batches through :func:`run_threaded` (lock-step) vs the model."""
+def validation_hops(
+    stage_s: Sequence[float], wire_bytes: Sequence[float], bandwidth_bps: float | None, latency_s: float
+) -> tuple[list[float], list[float]]:
+    """The ``(hop_s, occupancy_s)`` of :func:`pipeline_makespan` for the executor's K-1 links. Latency only
+    (``bandwidth_bps=None``): the latency starts when the sender puts its item, stage 0 at dispatch (its output
+    is ready ``stage_s[0]`` later, so that hop adds ``max(0, latency - stage_s[0])``), later stages once their
+    step is done; links are never busy. With a bandwidth, every sender puts its item once it is computed: a
+    hop is :func:`link_time` and the link is busy ``8 b / bandwidth`` per item."""
+    k = len(stage_s)
+    if bandwidth_bps is None:
+        return [max(0.0, latency_s - stage_s[0])] + [latency_s] * (k - 2), [0.0] * (k - 1)
+    hops = [link_time(b, bandwidth_bps, latency_s) for b in wire_bytes]
+    return hops, [8.0 * b / bandwidth_bps for b in wire_bytes]
+
+
+def validate_cell(
+    waits_s: Sequence[float], latency_s: float, args: argparse.Namespace, link_ratio: float | None = None
+) -> dict:
+    """Measured wall time of ``args.val_steps`` batches through :func:`run_threaded` (lock-step) vs the model.
+    ``link_ratio`` (None: infinite bandwidth) sets the emulated bandwidth so that the largest wire takes
+    ``link_ratio`` times the slowest stage's wait on its link."""
     import dataclasses
 
     k = len(waits_s)
@@ -334,6 +360,8 @@ def validate_cell(waits_s: Sequence[float], latency_s: float, args: argparse.Nam
     x = jax.random.normal(jax.random.key(1), (8, 8, 8, 1))
     y = jax.random.randint(jax.random.key(2), (8,), 0, 10)
     states = init_stage_states(stages, jax.random.key(0), x)
+    wire_bytes = [nbytes(it) for it in buffer_items(stages, states, x, y)]  # (float32 message, int32 labels)
+    bandwidth = None if link_ratio is None else 8.0 * max(wire_bytes) / (link_ratio * max(waits_s))
     alone, h = [], x  # each stage's step timed alone on one device: the model's inputs
     for stage, st in zip(stages, states, strict=True):
         f = jax.jit(functools.partial(stage_step, stage))
@@ -343,18 +371,24 @@ def validate_cell(waits_s: Sequence[float], latency_s: float, args: argparse.Nam
     walls = []
     for r in range(1 + args.val_repeats):  # the first run warms up (first executions, threads): dropped
         res = run_threaded(stages, states, [(x, y)], cfg, num_updates=args.val_steps, devices=jax.devices()[:k],
-                         link_delay_s=latency_s, lockstep=True, timeout_s=300)  # fmt: skip
+                         link_delay_s=latency_s, link_bandwidth_bps=bandwidth, lockstep=True,
+                         timeout_s=300)  # fmt: skip
         if list(res.updates) != [args.val_steps] * k:
             raise RuntimeError(f"validation run took {list(res.updates)} updates, expected {args.val_steps} each")
         if r:
             walls.append(res.seconds)
-    hops = [max(0.0, latency_s - alone[0])] + [latency_s] * (k - 2)
-    predicted = pipeline_makespan(alone, hops, [0.0] * (k - 1), args.val_steps)
+    hops, busy = validation_hops(alone, wire_bytes, bandwidth, latency_s)
+    predicted = pipeline_makespan(alone, hops, busy, args.val_steps)
     measured = statistics.median(walls)
+    link = {}
+    if bandwidth is not None:
+        link = {"link_ratio": link_ratio, "bandwidth_bps": bandwidth, "wire_bytes": wire_bytes, "link_s": busy,
+                "link_bound": max(busy) > max(alone)}  # fmt: skip
     return {
         "k": k,
         "waits_s": list(waits_s),
         "latency_s": latency_s,
+        **link,
         "steps": args.val_steps,
         "stage_alone_s": alone,
         "walls_s": walls,
@@ -452,23 +486,32 @@ def render(grid: dict, preds: dict, steps: dict, args: argparse.Namespace) -> st
         lines.append("")
     lines += [f"Steps to {args.target:.0%} (last head): {steps} ({grid.get('steps_source')}).", ""]
     lines += [
-        "## Validation (threaded executor, fake CPU devices, latency-bound stages, injected link latency)",
+        "## Validation (threaded executor, fake CPU devices, latency-bound stages, injected link latency and "
+        "emulated bandwidth)",
         "",
         "These 2 shared cores cannot compute stages in parallel: every stage sleeps in a host callback of its "
-        "compiled step, and the model gets each stage's step timed alone.",
+        "compiled step, and the model gets each stage's step timed alone. Link ms: the emulated sending time "
+        "`8 b / bandwidth` of each hop's wire (b bytes: float32 message + int32 labels), - for infinite bandwidth.",
         "",
-        "| K | stage waits ms | latency ms | steps | measured s (median) | predicted s | error |",
-        "|---|---|---|---|---|---|---|",
+        "| K | stage waits ms | latency ms | link ms per hop (kbit/s) | steps | measured s (median) | predicted s | "
+        "error |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for cid, c in grid["cells"].items():
         if cid.startswith("validate/"):
+            link = "-"
+            if "link_s" in c:
+                link = f"{[round(1e3 * t) for t in c['link_s']]} ({c['bandwidth_bps'] / 1e3:.0f})"
             lines.append(
-                f"| {c['k']} | {[round(1e3 * w) for w in c['waits_s']]} | {1e3 * c['latency_s']:g} | {c['steps']} | "
-                f"{c['measured_s']:.3f} | {c['predicted_s']:.3f} | {100 * c['relative_error']:+.1f}% |"
+                f"| {c['k']} | {[round(1e3 * w) for w in c['waits_s']]} | {1e3 * c['latency_s']:g} | {link} | "
+                f"{c['steps']} | {c['measured_s']:.3f} | {c['predicted_s']:.3f} | {100 * c['relative_error']:+.1f}% |"
             )
-    errs = [abs(c["relative_error"]) for cid, c in grid["cells"].items() if cid.startswith("validate/")]
-    if errs:
-        lines += ["", f"Largest |error|: {100 * max(errs):.1f}% (target 15%)."]
+    vals = [c for cid, c in grid["cells"].items() if cid.startswith("validate/")]
+    for what, sel in (("latency only", [c for c in vals if "link_s" not in c]),
+                      ("with bandwidth", [c for c in vals if "link_s" in c])):  # fmt: skip
+        if sel:
+            worst = max(abs(c["relative_error"]) for c in sel)
+            lines += ["", f"Largest |error|, {what}: {100 * worst:.1f}% (target 15%)."]
     return "\n".join(lines) + "\n"
 
 
@@ -517,6 +560,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--steps-from", default=str(RESULTS / "num_stages.json"))
     p.add_argument("--val-wait-ms", type=float, default=100.0, help="slowest validation stage's wait")
     p.add_argument("--val-latencies-ms", type=float, nargs="+", default=[0.0, 20.0, 120.0])
+    p.add_argument("--val-link-ratios", type=float, nargs="+", default=[1.0, 2.0],
+                   help="bandwidth cells: link time of the largest wire / slowest stage's wait")  # fmt: skip
+    p.add_argument("--val-link-latency-ms", type=float, default=20.0, help="latency of the bandwidth cells")
     p.add_argument("--val-steps", type=int, default=20)
     p.add_argument("--val-repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -527,7 +573,8 @@ def main(argv: list[str] | None = None) -> dict:
         MODELS["tiny"] = ("small_cnn", {}, 0, None)
         args.models, args.ks, args.batch, args.size, args.repeats = ["tiny"], [2], 8, 8, 1
         args.vq, args.val_wait_ms, args.val_latencies_ms, args.val_steps, args.val_repeats = (
-            "vq-packed:16:16", 20.0, [0.0, 30.0], 6, 1)  # fmt: skip
+            "vq-packed:16:16", 20.0, [0.0], 6, 1)  # fmt: skip
+        args.val_link_ratios, args.val_link_latency_ms = [2.0], 30.0
     if min(args.ks) < 2 or max(args.ks) > jax.device_count():
         p.error(f"--ks {args.ks}: need 2 <= K <= {jax.device_count()} devices")
     out = Path(args.out)
@@ -550,6 +597,10 @@ def main(argv: list[str] | None = None) -> dict:
         for lat in args.val_latencies_ms:
             cid = f"validate/K={k}/wait={args.val_wait_ms:g}ms/lat={lat:g}ms/steps={args.val_steps}"
             vcells.append((cid, functools.partial(validate_cell, waits, lat / 1000, args)))
+        lat = args.val_link_latency_ms
+        for ratio in args.val_link_ratios:  # bandwidth-bound links (ids of the latency-only cells unchanged)
+            cid = f"validate/K={k}/wait={args.val_wait_ms:g}ms/lat={lat:g}ms/link={ratio:g}x/steps={args.val_steps}"
+            vcells.append((cid, functools.partial(validate_cell, waits, lat / 1000, args, ratio)))
     grid = run_grid(out.with_suffix(".json"), ident, cells + vcells, header)
 
     curves, spe, source = tta_curves(Path(args.steps_from))

@@ -37,6 +37,17 @@ def test_link_bound_pipeline_and_latency_in_fill_only():
     assert so.dgl_async_step([0.1, 0.3, 0.2]) == 0.3
 
 
+def test_validation_hops_latency_only_and_with_bandwidth():
+    # latency only: stage 0's hop overlaps its own compute, links never busy
+    hops, busy = so.validation_hops([0.1, 0.2, 0.3], [1e3, 1e3], None, 0.15)
+    assert hops == pytest.approx([0.05, 0.15]) and busy == [0.0, 0.0]
+    assert so.validation_hops([0.1, 0.2], [1e3], None, 0.05) == ([0.0], [0.0])
+    # 1000 bytes at 40 kbit/s: 0.2 s busy per item, hop 0.2 s + latency
+    hops, busy = so.validation_hops([0.1, 0.1], [1000.0], 40e3, 0.02)
+    assert hops == pytest.approx([0.22]) and busy == pytest.approx([0.2])
+    assert so.pipeline_makespan([0.1, 0.1], hops, busy, 5) == pytest.approx(0.2 + 0.22 + 4 * 0.2)
+
+
 def test_ring_allreduce_and_data_parallel():
     assert so.ring_allreduce_bytes(100.0, 4) == pytest.approx(150.0)  # 2 (K-1)/K G
     assert so.ring_allreduce_bytes(100.0, 2) == pytest.approx(100.0)
@@ -73,5 +84,7 @@ def test_tiny_run_writes_json(tmp_path):
     assert len(sp["stage_s"]) == 2 and len(sp["float32_bytes"]) == 1 and sp["vq_bytes"][0] < sp["float32_bytes"][0]
     vals = [c for cid, c in saved["cells"].items() if cid.startswith("validate/")]
     assert len(vals) == 2 and all(c["measured_s"] > 0 and c["predicted_s"] > 0 for c in vals)
+    bw = [c for c in vals if "link_s" in c]  # one bandwidth-bound cell: 8 b / bw = 2x the slowest wait
+    assert len(bw) == 1 and bw[0]["link_bound"] and bw[0]["link_s"][0] == pytest.approx(2 * max(bw[0]["waits_s"]))
     assert next(iter(saved["predictions"].values()))["dgl_sync"]["step_s"] > 0
     assert "| K |" in out.with_suffix(".md").read_text() and out.with_suffix(".png").stat().st_size > 0
