@@ -16,9 +16,13 @@ from __future__ import annotations
 
 import json
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
 
 from dgl_jax import provenance
 from dgl_jax.files import write_json
@@ -105,3 +109,16 @@ def _stamp(grid: dict) -> None:
     grid["git_sha"] = shas[-1] if shas else provenance.git_sha()
     grid["git_shas"] = sorted({s for s in shas if s})
     grid["machines"] = sorted({c["machine"]["cpu_model"] for c in cells if c.get("machine")})
+
+
+def mean_std(values: ArrayLike, axis: int = 0) -> tuple[Any, Any]:
+    """Mean and sample standard deviation (ddof 1; 0 for one seed) of ``values`` over ``axis`` (the seeds),
+    ignoring NaN: arrays of the remaining shape, or NaN, NaN when ``values`` is empty."""
+    a = np.asarray(values, np.float64)
+    if a.size == 0:
+        return np.nan, np.nan
+    with warnings.catch_warnings():  # entries that are NaN in every seed stay NaN, silently
+        warnings.simplefilter("ignore", RuntimeWarning)
+        mean = np.nanmean(a, axis)
+        std = np.nanstd(a, axis, ddof=1) if a.shape[axis] > 1 else np.zeros_like(mean)
+    return mean, std

@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from dgl_jax import cells as cells_lib
 from dgl_jax import provenance
 from dgl_jax.arguments import decay_list, int_list, key_value
 
@@ -418,10 +419,11 @@ def cell_id(group: str, seed: int) -> str:
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    """:func:`dgl_jax.cells.mean_std` over seeds as JSON numbers (None, None when no seed is done)."""
     if not values:
         return None, None
-    a = np.asarray(values, np.float64)
-    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else 0.0
+    mean, std = cells_lib.mean_std(values)
+    return float(mean), float(std)
 
 
 def summarize(result: dict) -> list[dict]:

@@ -53,7 +53,7 @@ from dgl_jax import (  # noqa: E402
     with_optimizer,
 )
 from dgl_jax import asynchronous as A  # noqa: E402
-from dgl_jax.cells import GridError, run_grid  # noqa: E402
+from dgl_jax.cells import GridError, mean_std, run_grid  # noqa: E402
 from dgl_jax.data import load_digits, load_fashion_mnist  # noqa: E402
 from dgl_jax.files import save_figure, write_atomic  # noqa: E402
 from dgl_jax.models import cifar_cnn  # noqa: E402
@@ -355,9 +355,9 @@ def provenance_line(result: dict) -> str:
 
 
 def _mean_std(values: list[float]) -> tuple[float, float, int]:
-    if not values:
-        return np.nan, np.nan, 0
-    return float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0, len(values)
+    """Mean, std over seeds (:func:`dgl_jax.cells.mean_std`) and the number of seeds."""
+    mean, std = mean_std(values)
+    return float(mean), float(std), len(values)
 
 
 def table(result: dict, method: str = "async") -> tuple[list[float], dict, float, float]:

@@ -26,13 +26,12 @@ import json
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
 
-from dgl_jax.cells import GridError, open_grid, run_grid
+from dgl_jax.cells import GridError, mean_std, open_grid, run_grid
 from dgl_jax.data import Dataset, load_dataset
 from dgl_jax.files import save_figure, write_atomic, write_json
 from dgl_jax.models import get_model, stage_costs
@@ -217,15 +216,6 @@ def _nan(values) -> np.ndarray:
     return np.array([[np.nan if a is None else a for a in row] for row in values], dtype=float)
 
 
-def _mean_std(values: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and sample std (ddof 1; 0 for one seed) over ``axis``, NaN-aware."""
-    with warnings.catch_warnings():  # heads without accuracy (NaN in every seed) stay NaN, silently
-        warnings.simplefilter("ignore", RuntimeWarning)
-        mean = np.nanmean(values, axis) if values.size else values
-        std = np.nanstd(values, axis, ddof=1) if values.shape[axis] > 1 else np.zeros_like(mean)
-    return mean, std
-
-
 def summarize(grid: dict, labels: list[str]) -> dict:
     """Per run label: the seeds done, per-head final test accuracy mean/std, ensemble mean/std, and the mean
     learning curve of the last head (per epoch) with its gain over the last quarter of the epochs."""
@@ -235,8 +225,8 @@ def summarize(grid: dict, labels: list[str]) -> dict:
         if not cells:
             continue
         finals = _nan([c["final_test_accuracy"] for c in cells])
-        mean, std = _mean_std(finals)
-        ens_mean, ens_std = _mean_std(np.array([c["ensemble"] for c in cells]))
+        mean, std = mean_std(finals)
+        ens_mean, ens_std = mean_std(np.array([c["ensemble"] for c in cells]))
         curves = [[[a for a in epoch if a is not None][-1] for epoch in c["test_accuracy_per_epoch"]] for c in cells]
         length = min(len(c) for c in curves)
         curve = np.mean([c[:length] for c in curves], 0)
@@ -328,7 +318,7 @@ def plot(name: str, result: dict, path: Path) -> None:
                   for c in cells]  # fmt: skip
         for a, rows, scale in ((ax, curves, 100), (lx, losses, 1)):
             n = min(len(r) for r in rows)
-            m, sd = _mean_std(np.array([r[:n] for r in rows], dtype=float))
+            m, sd = mean_std(np.array([r[:n] for r in rows], dtype=float))
             x = np.arange(1, n + 1)
             a.plot(x, scale * m, marker="o", label=f"{label} ({len(rows)} seeds)")
             a.fill_between(x, scale * (m - sd), scale * (m + sd), alpha=0.2)

@@ -67,3 +67,15 @@ def test_provenance_names_the_checkout():
         "jax": provenance.versions()["jax"],
         "no-such-package-xyz": None,
     }
+
+
+def test_mean_std_over_seeds():
+    import numpy as np
+
+    mean, std = cells.mean_std([[90.0, 80.0], [92.0, np.nan], [94.0, np.nan]])
+    np.testing.assert_allclose(mean, [92.0, 80.0])
+    np.testing.assert_allclose(std[0], 2.0)  # sample std (ddof 1)
+    assert np.isnan(std[1])  # one finite seed: no spread
+    mean, std = cells.mean_std([93.0])
+    assert (float(mean), float(std)) == (93.0, 0.0)
+    assert all(np.isnan(v) for v in cells.mean_std([]))
