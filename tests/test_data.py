@@ -3,7 +3,6 @@ on-device augmentation."""
 
 import gzip
 import struct
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -63,10 +62,8 @@ def test_missing_fashion_mnist_dir_says_how_to_get_it(tmp_path):
 
 
 def test_missing_tfds_data_fails_fast_without_network(tmp_path):
-    t = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"not prepared.*no download attempted.*tfds build cifar10"):
         load_dataset("cifar10", data_dir=tmp_path)
-    assert time.perf_counter() - t < 30  # seconds, not tfds's ~200 s of network retries
     assert not any(tmp_path.iterdir())  # nothing downloaded or created
 
 

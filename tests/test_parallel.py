@@ -25,19 +25,28 @@ RTOL, ATOL = 1e-4, 1e-5
 # Threads
 # ---------------------------------------------------------------------------------------------------------
 def test_run_chain_keeps_order_and_overlaps():
+    # Overlap is shown by the order of events, never by wall time: some stage starts an item while another
+    # stage is still inside its own (sequential execution would make every interval disjoint).
+    events, lock = [], threading.Lock()
+
     def slow(tag):
         def f(x):
+            with lock:
+                events.append(("start", tag))
             time.sleep(0.05)
+            with lock:
+                events.append(("end", tag))
             return x + [tag]
 
         return f
 
-    t0 = time.perf_counter()
     out = run_chain([slow(0), slow(1), slow(2), slow(3)], ([i] for i in range(8)), timeout_s=30)
-    elapsed = time.perf_counter() - t0
     assert out == [[i, 0, 1, 2, 3] for i in range(8)]
-    # sequential would take 8 * 4 * 50 ms = 1.6 s; a pipeline takes (8 + 3) * 50 ms = 0.55 s
-    assert elapsed < 1.2, elapsed
+    busy, most = set(), 0
+    for kind, tag in events:
+        busy = busy | {tag} if kind == "start" else busy - {tag}
+        most = max(most, len(busy))
+    assert most >= 2, events
 
 
 def test_worker_exception_propagates_and_stops_everyone():
@@ -49,10 +58,8 @@ def test_worker_exception_propagates_and_stops_everyone():
         seen.append(x)
         return x
 
-    t0 = time.perf_counter()
     with pytest.raises(RuntimeError, match="item 3"):
         run_chain([lambda x: x, boom, lambda x: x], iter(range(10**9)), timeout_s=30)
-    assert time.perf_counter() - t0 < 10
     assert seen == [0, 1, 2]
     assert not [t for t in threading.enumerate() if t.name.startswith("stage")]
 
