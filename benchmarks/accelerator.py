@@ -1,7 +1,8 @@
 """Throughput, bytes per step and peak memory of dgl vs backprop on every device layout of the machine.
 
     python benchmarks/accelerator.py                 # a GPU/TPU machine: cnn4 and VGG-19 K=4, batch 256 (<= 8 min)
-    python benchmarks/accelerator.py --tiny          # seconds, on CPU (used by the tests)
+    python benchmarks/accelerator.py --tiny          # seconds, on CPU: one cell per layout (used by the tests)
+    python benchmarks/accelerator.py --cells "vgg19/*"   # only the cells matching these fnmatch patterns
 
 For each model (``cnn4``, ``vgg19`` with K=4 stages, random 32x32x3 images) and each layout that the
 machine's devices allow (1 device; data-parallel on all devices; stage-parallel on all devices with the SPMD
@@ -17,6 +18,7 @@ already in the file is not run again (resumable).
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import statistics
 import sys
@@ -95,11 +97,16 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--codec", default="vq-packed:256:16", help="the quantized codec of the stage-parallel rows")
     p.add_argument("--out", default=str(RESULTS / f"accelerator_{jax.default_backend()}.json"))
+    p.add_argument(
+        "--cells", default="*", help="comma-separated patterns (fnmatch) of the cells to run, e.g. '*/dgl/*'"
+    )
     p.add_argument("--tiny", action="store_true")
     args = p.parse_args(argv)
-    if args.tiny:
+    if args.tiny:  # one cell per layout, both methods and the codec: checks the script runs
         args.models, args.batch, args.width, args.chunk_steps, args.chunks, args.k = "cnn4", 16, 0.125, 2, 1, 2
         args.codec = "vq-packed:16:4"
+        args.cells = "*/one_device/dgl/*,*/data_parallel/backprop/*,*/stage_parallel/dgl/vq*"
+    patterns = args.cells.split(",")
     out = Path(args.out)
     result = json.loads(out.read_text()) if out.exists() else {}
     result.update({"benchmark": "accelerator", "git_sha": git_sha(), "machine": machine(), "config": vars(args)})
@@ -112,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
                 codecs = [None, args.codec] if name == "stage_parallel" else [None]
                 for codec in codecs:
                     cell = f"{model}/{name}/{method}/{codec or 'float32'}"
-                    if cell in result["cells"]:
+                    if cell in result["cells"] or not any(fnmatch.fnmatch(cell, q) for q in patterns):
                         continue
                     result["cells"][cell] = run_cell(args, model, method, layout, codec)
                     write_json(out, result)  # each cell as soon as it finishes

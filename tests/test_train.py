@@ -57,12 +57,13 @@ def test_greedy_loss_gradient_is_the_list_of_local_gradients():
     stages, states = build()
     params = [s.params for s in states]
     stats = [s.model_state for s in states]
-    total_grads = jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0])(params)
+    total_grads = jax.jit(jax.grad(lambda p: greedy_loss(stages, p, stats, X, Y)[0]))(params)
     x = X
     for j, stage in enumerate(stages):
-        g = jax.grad(lambda p, x=x, stage=stage, j=j: stage_loss(stage, p, stats[j], x, Y)[0])(params[j])
-        chex.assert_trees_all_close(total_grads[j], g, rtol=1e-6, atol=1e-7)
-        x = stage_apply(stage, params[j], stats[j], x).features
+        g = jax.jit(jax.grad(lambda p, x, stage=stage, j=j: stage_loss(stage, p, stats[j], x, Y)[0]))(params[j], x)
+        # two compiled programs: equal up to float reassociation (~2e-7 absolute), never across stages
+        chex.assert_trees_all_close(total_grads[j], g, rtol=1e-5, atol=1e-6)
+        x = jax.jit(lambda p, s, x, stage=stage: stage_apply(stage, p, s, x).features)(params[j], stats[j], x)
 
 
 def test_dgl_step_equals_independent_per_stage_updates():
