@@ -9,7 +9,8 @@ groups ``G``) form one *group*, trained by one compiled program (:func:`dgl_jax.
 program, ``--mode``). A *cell* is one group x one seed. Run folder::
 
     sweep.json   git sha, command, seeds, codecs, config, machine and versions, bytes per codec, every
-                 finished cell (written as soon as it finishes), the summary and best_ratio_at_1pt
+                 finished cell (written as soon as it finishes, with the git sha and machine it ran on),
+                 the summary and best_ratio_at_1pt
     sweep.md     per codec: bytes per step, ratio vs float32, replay-buffer bytes, per-head accuracy
                  mean +- std over seeds, last-head loss vs the baseline, empirical entropy of the codes
     frontier.png traffic reduction (log x) vs last-head accuracy loss (y), one point per codec
@@ -549,6 +550,15 @@ def _load_existing(path: Path, config: dict, names: list[str]) -> dict | None:
     return old
 
 
+def _cells_with_provenance(old: dict | None) -> dict:
+    """The finished cells of an existing sweep, each naming the commit, dirty flag and machine it ran on (cells
+    of files written before cells recorded them take the file's own)."""
+    if not old:
+        return {}
+    keys = ("git_sha", "git_dirty", "machine")
+    return {cid: {**{k: old.get(k) for k in keys}, **cell} for cid, cell in old["cells"].items()}
+
+
 def _argv(args: argparse.Namespace) -> list[str]:
     """The sweep's own arguments (``main`` records them; under the CLI they follow ``sweep`` in sys.argv)."""
     argv = getattr(args, "argv", None)
@@ -629,7 +639,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
             "boundary_shapes": [list(s) for s in shapes],
             "bytes": codec_bytes(stages, names, x0, y0),
             "machine": provenance.machine(),
-            "cells": dict(old["cells"]) if old else {},
+            "cells": _cells_with_provenance(old),
         }
         groups = group_codecs(names)
         todo = [(g, s) for s in seeds for g in groups]
@@ -644,7 +654,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
                 if g not in built:
                     built[g] = Group(stages, groups[g], mode, init_states)
                 cell = run_cell(built[g], data, config, s, args.max_steps)
-                result["cells"][cid] = {"group": g, **cell}
+                result["cells"][cid] = {"group": g, **cell, **provenance.provenance()}
                 _save(result, out)
                 accs = ", ".join(f"{m} {r['acc_heads'][-1]:.2f}%" for m, r in cell["members"].items())
                 print(

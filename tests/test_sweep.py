@@ -44,6 +44,7 @@ def test_sweep_writes_json_table_and_frontier(finished):
         assert k in result
     assert result["seeds"] == [0, 1] and result["codecs"] == ["vq-packed:16:4", "vq-packed:64:4"]
     assert sorted(result["cells"]) == ["d4/seed0", "d4/seed1", "float32/seed0", "float32/seed1"]
+    assert all(c["git_sha"] == result["git_sha"] and "cpu_model" in c["machine"] for c in result["cells"].values())
     md = (out / "sweep.md").read_text()
     rows = {r["codec"]: r for r in result["summary"]}
     for spec in ("vq-packed:16:4", "vq-packed:64:4"):
@@ -154,3 +155,14 @@ def test_codec_options_reach_the_swept_quantizer():
     assert (cfg.init, cfg.decay, cfg.restart_threshold, packed) == ("kmeans++", 0.9, 0.0, True)
     assert cfg.codec(packed).name == name  # bytes are measured on the same codec
     assert sw.group_of(name) == "d4:init=kmeans++:decay=0.9:restart=0" != sw.group_of("vq-packed:16:4")
+
+
+def test_cells_of_an_older_sweep_file_take_its_provenance():
+    from dgl_jax.sweep import _cells_with_provenance
+
+    old = {"git_sha": "abc", "git_dirty": False, "machine": {"cpu_model": "x"},
+           "cells": {"float32/seed0": {"seed": 0}, "d4/seed0": {"seed": 0, "git_sha": "def"}}}  # fmt: skip
+    cells = _cells_with_provenance(old)
+    assert cells["float32/seed0"] == {"git_sha": "abc", "git_dirty": False, "machine": {"cpu_model": "x"}, "seed": 0}
+    assert cells["d4/seed0"]["git_sha"] == "def"  # a cell's own record wins
+    assert _cells_with_provenance(None) == {}
