@@ -110,7 +110,10 @@ def summarize(times: list[float]) -> dict[str, float]:
 
 
 def write_json(path: str | os.PathLike, payload: dict[str, Any]) -> None:
-    """Writes ``payload`` as strict JSON atomically (:func:`dgl_jax.files.write_json`), creating the folder."""
+    """Writes ``payload`` as strict JSON atomically (:func:`dgl_jax.files.write_json`), creating the folder;
+    ``git_sha`` and ``git_dirty`` (the checkout that measured it) are added when the payload has none."""
+    payload.setdefault("git_sha", provenance.git_sha())
+    payload.setdefault("git_dirty", provenance.git_dirty())
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     files.write_json(path, payload)
 

@@ -31,6 +31,7 @@ def test_step_time_benchmark_tiny(tmp_path):
             == mem["argument_bytes"] + mem["output_bytes"] - mem["alias_bytes"] + mem["temp_bytes"]
         )
     assert saved["machine"]["platform"] == "cpu"
+    assert saved["git_sha"] and isinstance(saved["git_dirty"], bool)  # every benchmark JSON (common.write_json)
 
 
 def test_vs_pytorch_benchmark_tiny(tmp_path):
