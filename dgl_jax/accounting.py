@@ -23,8 +23,10 @@ PyTree = Any
 
 
 def nbytes(tree: PyTree) -> int:
-    """Sum of ``size * itemsize`` over the array leaves of ``tree`` (arrays or ``ShapeDtypeStruct`` s)."""
-    return int(sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(tree)))
+    """Sum of ``size * itemsize`` over the array leaves of ``tree`` (arrays or ``ShapeDtypeStruct`` s); other
+    leaves (Python numbers, markers) carry no array bytes and count 0."""
+    leaves = [leaf for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype")]
+    return int(sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in leaves))
 
 
 def float32_bytes(tree: PyTree) -> int:

@@ -446,13 +446,6 @@ def check_bandwidth(bandwidth_bps: float | None) -> None:
         raise ValueError(f"link bandwidth must be > 0 bit/s or None (infinite), got {bandwidth_bps}")
 
 
-def _array_bytes(item: Any) -> int:
-    """``nbytes`` of the array leaves of ``item`` (markers such as :data:`END` and ints count 0)."""
-    from dgl_jax.accounting import nbytes
-
-    return 0 if item is END else nbytes([a for a in jax.tree.leaves(item) if hasattr(a, "dtype")])
-
-
 class Inbox:
     """A stage's incoming link: a bounded FIFO of items, each readable ``delay_s`` seconds after it was put
     (an injected link latency; items stay in order). With ``bandwidth_bps`` (bit/s; None: infinite) the link
@@ -509,8 +502,10 @@ class Inbox:
         """Appends ``item`` (readable when :func:`link_schedule` says), waiting or dropping as described above."""
         nbytes_ = 0
         if self.bandwidth_bps is not None:
+            from dgl_jax.accounting import nbytes
+
             jax.block_until_ready(item)
-            nbytes_ = _array_bytes(item)
+            nbytes_ = nbytes(item)  # markers such as END and ints: 0
         with self._cond:
             if self._closed:
                 self.dropped += item is not END
