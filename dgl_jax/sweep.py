@@ -19,22 +19,28 @@ Bytes are the ``nbytes`` of the wires a deployed boundary sends (:mod:`dgl_jax.a
 carrying the codec: packed codes plus the float32 codebook on every send), never ideal bit counts; the
 entropy column is a separate figure: what entropy coding of the codes could reach.
 
-Re-running the same command skips the finished cells; a different config or codec list in an existing folder
-is refused. Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells stay, exit 130.
+    partial/     the running cell's newest checkpoint (every ``--checkpoint-every`` steps and on Ctrl-C),
+                 removed when the cell finishes
+
+Re-running the same command skips the finished cells and resumes the running one from its checkpoint,
+bit-identical to an uninterrupted run; a different config or codec list in an existing folder is refused.
+Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells and the running cell's state stay, exit 130.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import math
 import re
+import shutil
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -47,6 +53,7 @@ EXIT_DIVERGED = 3
 EXIT_INTERRUPTED = 130
 BASELINE = "float32"  # the member name of the unquantized DGL baseline
 MODES = ("auto", "vmap", "loop")
+PARTIAL = "partial"  # run-folder subfolder holding the running cell's checkpoints
 _VQ_NAME = re.compile(r"(vq|vq-packed):(\d+):(g?)(\d+)((?::[a-z]+=[^:]*)*)")
 
 
@@ -91,6 +98,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N training examples (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each cell after this many steps (0: all epochs)")
     p.add_argument("--mode", default="auto", choices=MODES, help="group members: vmap, loop (auto: loop on CPU)")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        metavar="N",
+        help="save the running cell's state every N steps and on Ctrl-C, to resume mid-cell (0: only on Ctrl-C)",
+    )
 
 
 def build_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -194,6 +208,8 @@ def sweep_config(config: Any, args: argparse.Namespace) -> dict:
 
     if args.train_subset < 0 or args.max_steps < 0:
         raise SweepError("--train-subset and --max-steps must be integers >= 0 (0: all)")
+    if getattr(args, "checkpoint_every", 0) < 0:
+        raise SweepError("--checkpoint-every must be an integer >= 0")
     d = {**config_to_dict(config), "train_subset": args.train_subset, "max_steps": args.max_steps}
     for k in ("seed", "codec", "devices", "parallel", "stage_groups", "executor", "method_options"):
         d.pop(k, None)  # not used by a sweep
@@ -359,28 +375,84 @@ def _batches(n: int, batch_size: int, seed: int, epochs: int, max_steps: int):
             step += 1
 
 
-def run_cell(group: Group, data: Any, config: Any, seed: int, max_steps: int) -> dict:
+class CellCheckpoints(NamedTuple):
+    """Where and how often :func:`run_cell` saves its training state: every ``every`` steps (and on Ctrl-C)
+    into ``directory`` (a :class:`dgl_jax.checkpoint.Checkpointer` folder holding the newest one), so an
+    interrupted cell resumes from its last checkpoint, bit-identical to a run without interruption."""
+
+    directory: Path
+    every: int
+
+
+def num_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
+    """Training steps of one cell: ``epochs`` x full batches per epoch, at most ``max_steps`` (0: all)."""
+    total = epochs * (n // batch_size)
+    return min(total, max_steps) if max_steps else total
+
+
+def run_cell(
+    group: Group,
+    data: Any,
+    config: Any,
+    seed: int,
+    max_steps: int,
+    checkpoints: CellCheckpoints | None = None,
+    log: Any = None,
+) -> dict:
     """Trains every member of ``group`` from seed ``seed`` (same initial weights and batches for all) and
     evaluates it on the test split: per member the per-head test accuracy (%), the last step's training
-    loss per head and the code entropy (bits/code, ``None`` for the baseline)."""
+    loss per head and the code entropy (bits/code, ``None`` for the baseline). With ``checkpoints`` the
+    training state is saved there as it goes and the cell resumes from the newest checkpoint found;
+    ``log(line)`` receives a progress line at the end of every epoch."""
     import jax
     import jax.numpy as jnp
 
     from dgl_jax import vq_train as vt
+    from dgl_jax.checkpoint import Checkpointer
 
     t0 = time.perf_counter()
     images, labels = data.train_images, data.train_labels
     bs = config.batch_size
+    per_epoch = len(labels) // bs
+    total = num_steps(len(labels), bs, config.epochs, max_steps)
     key = jax.random.key(seed)
     first = next(_batches(len(labels), bs, seed, 1, 1))[1]
     x0 = jnp.asarray(images[first])
     states0 = group.init_states(jax.random.fold_in(key, 0), x0)
     carry = group.sweep.init(states0, jax.random.fold_in(key, 1), x0)
-    step_key, metrics, steps = jax.random.fold_in(key, 2), None, 0
-    for step, idx in _batches(len(labels), bs, seed, config.epochs, max_steps):
-        x, y = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
-        carry, metrics = group.step(carry, x, y, jax.random.fold_in(step_key, step))
-        steps += 1
+    ckpt = Checkpointer(checkpoints.directory, max_to_keep=1) if checkpoints else None
+    start, before = 0, 0.0
+    if ckpt is not None and ckpt.latest_step() is not None:
+        ckpt.cleanup()
+        carry, meta = ckpt.restore(carry)
+        start, before = int(meta["step"]), float(meta["seconds"])
+        if not 0 < start < total:
+            raise SweepError(f"{ckpt.directory}: a checkpoint at step {start} of a cell of {total} steps")
+        if log:
+            log(f"resumed at step {start} of {total} from {ckpt.directory}")
+
+    def save(done: int) -> None:
+        ckpt.save(done, carry, {"step": done, "seconds": before + time.perf_counter() - t0})
+
+    step_key, metrics, done, saved = jax.random.fold_in(key, 2), None, start, start
+    try:
+        for step, idx in _batches(len(labels), bs, seed, config.epochs, total):
+            if step < start:
+                continue
+            x, y = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
+            carry, metrics = group.step(carry, x, y, jax.random.fold_in(step_key, step))
+            done = step + 1
+            if ckpt is not None and checkpoints.every and done % checkpoints.every == 0 and done < total:
+                save(done)
+                saved = done
+            if log and (done % per_epoch == 0 or done == total):
+                rate = (time.perf_counter() - t0) / (done - start)
+                log(f"epoch {-(-done // per_epoch)}/{-(-total // per_epoch)}, step {done}/{total} ({rate:.2f} s/step)")
+    except KeyboardInterrupt:
+        if ckpt is not None and saved < done < total:
+            with contextlib.suppress(Exception):  # a step interrupted mid-call leaves a donated carry
+                save(done)
+        raise
     vt.check_metrics(jax.tree.map(lambda *a: jnp.stack(a), *metrics))
 
     n_test, eb = len(data.test_labels), config.eval_batch_size
@@ -409,7 +481,8 @@ def run_cell(group: Group, data: Any, config: Any, seed: int, max_steps: int) ->
             "train_loss_last": [float(v) for v in np.asarray(metrics[m]["loss"])],
             "entropy": entropy,
         }
-    return {"seed": seed, "steps": steps, "seconds": time.perf_counter() - t0, "members": members}
+    out = {"seed": seed, "steps": done, "seconds": before + time.perf_counter() - t0, "members": members}
+    return {**out, "resumed_at_step": start} if start else out
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -568,6 +641,10 @@ def _argv(args: argparse.Namespace) -> list[str]:
     return list(argv)
 
 
+def _log(prefix: str, line: str) -> None:
+    print(f"{prefix}: {line}", flush=True)
+
+
 def _save(result: dict, out: Path) -> None:
     from dgl_jax.files import write_json
 
@@ -653,9 +730,13 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
                     continue
                 if g not in built:
                     built[g] = Group(stages, groups[g], mode, init_states)
-                cell = run_cell(built[g], data, config, s, args.max_steps)
+                partial = CellCheckpoints(out / PARTIAL / cid.replace("/", "-"), args.checkpoint_every)
+                prefix = f"[{i}/{len(todo)}] {cid}"
+                log = functools.partial(_log, prefix)
+                cell = run_cell(built[g], data, config, s, args.max_steps, partial, log)
                 result["cells"][cid] = {"group": g, **cell, **provenance.provenance()}
                 _save(result, out)
+                shutil.rmtree(partial.directory, ignore_errors=True)
                 accs = ", ".join(f"{m} {r['acc_heads'][-1]:.2f}%" for m, r in cell["members"].items())
                 print(
                     f"[{i}/{len(todo)}] {cid}: {cell['steps']} steps, last head {accs} ({cell['seconds']:.1f} s)",
@@ -664,8 +745,8 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         except KeyboardInterrupt:
             done = sum(cell_id(g, s) in result["cells"] for g, s in todo)
             print(
-                f"interrupted: {done} of {len(todo)} cells saved in {out / 'sweep.json'}; "
-                "re-run the same command to resume",
+                f"interrupted: {done} of {len(todo)} cells saved in {out / 'sweep.json'}, the running one's "
+                f"state in {out / PARTIAL}; re-run the same command to resume",
                 file=sys.stderr,
                 flush=True,
             )

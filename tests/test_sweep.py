@@ -83,7 +83,7 @@ def test_rerun_skips_finished_cells(finished, capsys, monkeypatch):
 def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypatch):
     fake = {"steps": 0, "seconds": 0.0}
 
-    def run_cell(group, data, config, seed, max_steps):
+    def run_cell(group, data, config, seed, *_):
         if seed == 1:
             raise KeyboardInterrupt
         accs = {m: {"acc_heads": [10.0, 20.0], "train_loss_last": [1.0, 1.0], "entropy": None} for m in group.members}
@@ -95,6 +95,48 @@ def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypa
     assert len(err) == 1 and "re-run the same command" in err[0]
     cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
     assert sorted(cells) == ["d4/seed0", "float32/seed0"]
+
+
+def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, monkeypatch):
+    """Ctrl-C inside a cell saves its state (--checkpoint-every 0: on Ctrl-C only); a periodic checkpoint
+    (--checkpoint-every 1) is resumed too; the resumed cells equal the uninterrupted ones of ``finished``."""
+    real, calls = sw._batches, []
+
+    def interrupt_at_step_2_of_call(which):
+        def batches(n, batch_size, seed, epochs, max_steps):
+            calls.append(max_steps)
+            for step, idx in real(n, batch_size, seed, epochs, max_steps):
+                if step == 2 and calls.count(3) == which and max_steps == 3:  # 3: a training call (max steps)
+                    raise KeyboardInterrupt
+                yield step, idx
+
+        return batches
+
+    args = tiny_args(tmp_path, seeds="0")
+    monkeypatch.setattr(sw, "_batches", interrupt_at_step_2_of_call(1))  # float32 cell, at step 2
+    assert sw.main([*args, "--checkpoint-every", "0"]) == 130
+    assert "state in" in capsys.readouterr().err
+    assert (tmp_path / "partial" / "float32-seed0").is_dir()
+    calls.clear()
+    monkeypatch.setattr(sw, "_batches", interrupt_at_step_2_of_call(2))  # float32 resumes; d4 stops at step 2
+    assert sw.main([*args, "--checkpoint-every", "1"]) == 130
+    out = capsys.readouterr().out
+    assert "float32/seed0: resumed at step 2 of 3" in out
+    assert not (tmp_path / "partial" / "float32-seed0").exists()  # removed once the cell is saved
+    monkeypatch.setattr(sw, "_batches", real)
+    assert sw.main(args) == 0
+    assert "d4/seed0: resumed at step 2 of 3" in capsys.readouterr().out
+    assert not any((tmp_path / "partial").iterdir())
+    resumed = json.loads((tmp_path / "sweep.json").read_text())["cells"]
+    whole = json.loads((finished[0] / "sweep.json").read_text())["cells"]
+    for cid in ("float32/seed0", "d4/seed0"):
+        assert resumed[cid]["resumed_at_step"] == 2 and "resumed_at_step" not in whole[cid]
+        assert resumed[cid]["members"] == whole[cid]["members"]  # accuracy, last losses, code entropy: exact
+
+
+def test_checkpoint_every_must_not_be_negative(tmp_path, capsys):
+    assert sw.main([*tiny_args(tmp_path), "--checkpoint-every", "-1"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --checkpoint-every must be an integer >= 0"
 
 
 @pytest.mark.parametrize(
