@@ -100,6 +100,21 @@ def config_from_dict(d: dict) -> TrainConfig:
     return TrainConfig(**d)
 
 
+def scale_decay(
+    decay_epochs: int | tuple[int, ...] | None, recipe_epochs: int, epochs: int
+) -> int | tuple[int, ...] | None:
+    """A recipe's LR decay epochs for ``epochs`` instead of its ``recipe_epochs``, at the same fractions of
+    the run (rounded, at least 1): every ``n`` epochs becomes every ``round(n * epochs / recipe_epochs)``;
+    a list keeps the epochs that still fall inside the run, ``None`` when none does (constant LR)."""
+    if decay_epochs is None or epochs == recipe_epochs:
+        return decay_epochs
+    scale = epochs / recipe_epochs
+    if isinstance(decay_epochs, int):
+        return max(1, round(decay_epochs * scale))
+    scaled = sorted({max(1, round(e * scale)) for e in decay_epochs})
+    return tuple(e for e in scaled if e < epochs) or None
+
+
 def validate_config(config: TrainConfig) -> None:
     """Checks names and ranges that need no data or model; raises ``ValueError`` naming the bad value and
     the accepted ones."""

@@ -218,13 +218,22 @@ class Trainer:
         return self._initial
 
     def describe(self) -> str:
-        """One line about the data actually used per epoch (the last partial batch is dropped)."""
+        """One line about the data actually used per epoch (the last partial batch is dropped) and the LR
+        schedule."""
+        c = self.config
         dropped = self.num_train - self.used_per_epoch
         note = f", the last {dropped} of each epoch's permutation dropped" if dropped else ""
+        if c.decay_epochs is None:
+            schedule = "constant"
+        elif isinstance(c.decay_epochs, int):
+            schedule = f"x{c.decay_factor} every {c.decay_epochs} epochs"
+        else:
+            schedule = f"x{c.decay_factor} at epochs {','.join(map(str, c.decay_epochs))}"
         return (
             f"{self.data.name}: {self.num_train} train / {self.num_test} eval examples; "
-            f"{self.used_per_epoch} used per epoch ({self.steps_per_epoch} steps of {self.config.batch_size}{note}); "
-            f"{self.chunk_steps} steps per dispatch; {self.num_stages} stages, method {self.config.method}"
+            f"{self.used_per_epoch} used per epoch ({self.steps_per_epoch} steps of {c.batch_size}{note}); "
+            f"{self.chunk_steps} steps per dispatch; {self.num_stages} stages, method {c.method}; "
+            f"{c.epochs} epochs, LR {c.lr} {schedule}"
         )
 
     def start_executor(self, directory: str | os.PathLike | None = None) -> None:

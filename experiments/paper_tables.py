@@ -32,6 +32,7 @@ from typing import NamedTuple
 import numpy as np
 
 from dgl_jax.cells import GridError, mean_std, open_grid, run_grid
+from dgl_jax.config import scale_decay
 from dgl_jax.data import Dataset, load_dataset
 from dgl_jax.files import save_figure, write_atomic, write_json
 from dgl_jax.models import get_model, stage_costs
@@ -156,10 +157,8 @@ def run_config(table: Table, run: Run, budget: str, seed: int) -> TrainConfig:
     base.update(overrides)
     if divisor > 1:
         epochs = max(1, base["epochs"] // divisor)
-        scale = epochs / base["epochs"]
         decay = base.get("decay_epochs")
-        if isinstance(decay, (list, tuple)):
-            decay = tuple(sorted({max(1, round(e * scale)) for e in decay if round(e * scale) < epochs})) or None
+        decay = scale_decay(tuple(decay) if isinstance(decay, list) else decay, base["epochs"], epochs)
         base.update(epochs=epochs, decay_epochs=decay)
     if budget == "tiny" and base.get("method_options"):
         base["method_options"] = {**base["method_options"], "synth_width": 8, "synth_kernel": 3}
