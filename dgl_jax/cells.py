@@ -62,12 +62,15 @@ def run_grid(
     cells: Sequence[Cell],
     header: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
+    derive: Callable[[dict], None] | None = None,
 ) -> dict:
     """Runs every cell of ``cells`` (``(cell_id, fn)``; ``fn()`` returns the cell's JSON-able result) that
     ``path`` does not hold yet, writing the grid after each one; returns the grid.
 
-    ``header`` is merged into the grid's top level (e.g. ``seeds``, ``command``). On ``KeyboardInterrupt`` the
-    cell in flight is lost, the others are kept, one line says how to resume, and the interrupt propagates.
+    ``header`` is merged into the grid's top level (e.g. ``seeds``, ``command``); ``derive(grid)``, called
+    before each write, refreshes what the grid derives from its cells (a summary). On ``KeyboardInterrupt``
+    the cell in flight is lost (unless it checkpoints itself), the others are kept, one line says how to
+    resume, and the interrupt propagates.
     """
     path = Path(path)
     grid = open_grid(path, ident)
@@ -91,24 +94,27 @@ def run_grid(
                 "git_dirty": dirty,
                 "machine": machine,
             }
-            _stamp(grid)
+            _stamp(grid, derive)
             write_json(path, grid)
     except KeyboardInterrupt:
         log(f"interrupted: {done()} of {len(cells)} cells saved in {path}; re-run the same command to resume")
         raise
-    _stamp(grid)
+    _stamp(grid, derive)
     if grid["cells"] or not path.exists():
         write_json(path, grid)
     return grid
 
 
-def _stamp(grid: dict) -> None:
-    """Top-level ``git_sha`` (the newest cell's), ``git_shas`` (all of them) and ``machines``."""
+def _stamp(grid: dict, derive: Callable[[dict], None] | None = None) -> None:
+    """Top-level ``git_sha`` (the newest cell's), ``git_shas`` (all of them), ``machines`` and what ``derive``
+    adds."""
     cells = list(grid["cells"].values())
     shas = [c.get("git_sha") for c in cells]
     grid["git_sha"] = shas[-1] if shas else provenance.git_sha()
     grid["git_shas"] = sorted({s for s in shas if s})
     grid["machines"] = sorted({c["machine"]["cpu_model"] for c in cells if c.get("machine")})
+    if derive is not None:
+        derive(grid)
 
 
 def mean_std(values: ArrayLike, axis: int = 0) -> tuple[Any, Any]:

@@ -336,6 +336,7 @@ class _Interrupt:
         self._critical = 0
         self._restore = restore
         self._old = {}
+        self.as_keyboard_interrupt = False  # raise KeyboardInterrupt instead (commands that save on it: sweep)
 
     def __enter__(self):
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -349,6 +350,8 @@ class _Interrupt:
         self.count += 1
         if self.signal is None:
             self.signal = signum
+        if self.as_keyboard_interrupt:
+            raise KeyboardInterrupt
         if not self._critical and self._at_once():
             raise _Stop(self.signal)
 
@@ -977,8 +980,10 @@ def main(argv: list[str] | None = None, *, process_settings: bool | None = None)
             import_plugins(args.imports)  # before the config is resolved: plugins register models / methods
             if args.command == "train":
                 return cmd_train(args, t_start, interrupt)
-            if args.command == "sweep":  # reports its own errors (one line, exit 2) and interruptions (130)
-                return args.func(args)
+            if args.command == "sweep":  # reports its own errors (one line, exit 2) and interruptions
+                interrupt.as_keyboard_interrupt = True  # it saves the running cell's state on KeyboardInterrupt
+                code = args.func(args)
+                return interrupt.exit_code if code == EXIT_INTERRUPTED and interrupt.signal else code
             return cmd_eval(args, interrupt)
         except UsageError as e:
             print(f"error: {e}", file=sys.stderr, flush=True)

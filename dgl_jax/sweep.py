@@ -605,31 +605,22 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------
-def _load_existing(path: Path, config: dict, names: list[str]) -> dict | None:
-    """The finished cells of ``path`` (``None`` if absent); ``SweepError`` if it holds another sweep."""
+def _check_existing(path: Path, config: dict, names: list[str]) -> None:
+    """``SweepError`` if ``path`` holds a sweep of another configuration or codec list (or is unreadable)."""
     if not path.is_file():
-        return None
+        return
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as e:
         raise SweepError(f"{path}: unreadable ({e}); use another --out") from None
-    diff = [k for k in sorted(set(config) | set(old.get("config", {}))) if config.get(k) != old["config"].get(k)]
+    stored = old.get("config", {})
+    diff = [k for k in sorted(set(config) | set(stored)) if config.get(k) != stored.get(k)]
     if old.get("codecs") != names:
         diff.append("codecs")
     if diff:
         raise SweepError(
             f"{path} holds a sweep of another configuration (differs in {', '.join(diff)}); use another --out"
         )
-    return old
-
-
-def _cells_with_provenance(old: dict | None) -> dict:
-    """The finished cells of an existing sweep, each naming the commit, dirty flag and machine it ran on (cells
-    of files written before cells recorded them take the file's own)."""
-    if not old:
-        return {}
-    keys = ("git_sha", "git_dirty", "machine")
-    return {cid: {**{k: old.get(k) for k in keys}, **cell} for cid, cell in old["cells"].items()}
 
 
 def _argv(args: argparse.Namespace) -> list[str]:
@@ -645,12 +636,18 @@ def _log(prefix: str, line: str) -> None:
     print(f"{prefix}: {line}", flush=True)
 
 
-def _save(result: dict, out: Path) -> None:
-    from dgl_jax.files import write_json
-
+def _derive(result: dict) -> None:
     result["summary"] = summarize(result)
     result["best_ratio_at_1pt"] = best_ratio_at_1pt(result["summary"])
-    write_json(out / "sweep.json", result)
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)
+
+
+def partial_folder(out: Path, cid: str) -> Path:
+    """The folder of cell ``cid``'s checkpoints while it runs."""
+    return out / PARTIAL / cid.replace("/", "-")
 
 
 def run_sweep(args: argparse.Namespace) -> int:
@@ -702,10 +699,10 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
     except FolderLockedError as e:
         raise SweepError(str(e).splitlines()[0]) from None
     try:
-        old = _load_existing(out / "sweep.json", ident, names)
-        result = {
+        path = out / "sweep.json"
+        _check_existing(path, ident, names)
+        header = {
             "experiment": "sweep",
-            "git_sha": provenance.git_sha(),
             "git_dirty": provenance.git_dirty(),
             "command": "python -m dgl_jax sweep " + " ".join(_argv(args)),
             "seeds": seeds,
@@ -716,37 +713,33 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
             "boundary_shapes": [list(s) for s in shapes],
             "bytes": codec_bytes(stages, names, x0, y0),
             "machine": provenance.machine(),
-            "cells": _cells_with_provenance(old),
         }
         groups = group_codecs(names)
         todo = [(g, s) for s in seeds for g in groups]
         built: dict[str, Group] = {}
         init_states = jax.jit(functools.partial(init_stage_states, stages))  # one compilation for all cells
+
+        def cell(i: int, g: str, s: int) -> dict:
+            for done in todo[: i - 1]:  # finished and saved: their checkpoints are no longer needed
+                shutil.rmtree(partial_folder(out, cell_id(*done)), ignore_errors=True)
+            if g not in built:
+                built[g] = Group(stages, groups[g], mode, init_states)
+            log = functools.partial(_log, f"[{i}/{len(todo)}] {cell_id(g, s)}")
+            checkpoints = CellCheckpoints(partial_folder(out, cell_id(g, s)), args.checkpoint_every)
+            result = run_cell(built[g], data, config, s, args.max_steps, checkpoints, log)
+            accs = ", ".join(f"{m} {r['acc_heads'][-1]:.2f}%" for m, r in result["members"].items())
+            log(f"{result['steps']} steps, last head {accs} ({result['seconds']:.1f} s)")
+            return {"group": g, **result}
+
+        cells = [(cell_id(g, s), functools.partial(cell, i, g, s)) for i, (g, s) in enumerate(todo, 1)]
         try:
-            for i, (g, s) in enumerate(todo, 1):
-                cid = cell_id(g, s)
-                if cid in result["cells"]:
-                    print(f"[{i}/{len(todo)}] {cid}: skipped (already in sweep.json)", flush=True)
-                    continue
-                if g not in built:
-                    built[g] = Group(stages, groups[g], mode, init_states)
-                partial = CellCheckpoints(out / PARTIAL / cid.replace("/", "-"), args.checkpoint_every)
-                prefix = f"[{i}/{len(todo)}] {cid}"
-                log = functools.partial(_log, prefix)
-                cell = run_cell(built[g], data, config, s, args.max_steps, partial, log)
-                result["cells"][cid] = {"group": g, **cell, **provenance.provenance()}
-                _save(result, out)
-                shutil.rmtree(partial.directory, ignore_errors=True)
-                accs = ", ".join(f"{m} {r['acc_heads'][-1]:.2f}%" for m, r in cell["members"].items())
-                print(
-                    f"[{i}/{len(todo)}] {cid}: {cell['steps']} steps, last head {accs} ({cell['seconds']:.1f} s)",
-                    flush=True,
-                )
+            result = cells_lib.run_grid(path, {"config": ident, "codecs": names}, cells, header, _print, _derive)
+        except cells_lib.GridError as e:
+            raise SweepError(str(e).splitlines()[0]) from None
         except KeyboardInterrupt:
-            done = sum(cell_id(g, s) in result["cells"] for g, s in todo)
             print(
-                f"interrupted: {done} of {len(todo)} cells saved in {out / 'sweep.json'}, the running one's "
-                f"state in {out / PARTIAL}; re-run the same command to resume",
+                f"interrupted: finished cells saved in {path}, the running one's state in {out / PARTIAL}; "
+                "re-run the same command to resume",
                 file=sys.stderr,
                 flush=True,
             )
@@ -754,7 +747,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         except ValueError as e:  # non-finite features (vq_train.check_metrics)
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
             return EXIT_DIVERGED
-        _save(result, out)
+        shutil.rmtree(out / PARTIAL, ignore_errors=True)
         write_atomic(out / "sweep.md", markdown(result))
         plot(result, out / "frontier.png")
         print(f"wrote {out}/sweep.json, sweep.md, frontier.png; best_ratio_at_1pt {result['best_ratio_at_1pt']}")

@@ -77,7 +77,7 @@ def test_rerun_skips_finished_cells(finished, capsys, monkeypatch):
     assert sw.main(tiny_args(out)) == 0
     assert calls == []
     assert json.loads((out / "sweep.json").read_text())["cells"] == before
-    assert capsys.readouterr().out.count("skipped") == 4
+    assert capsys.readouterr().out.count("done already") == 4
 
 
 def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypatch):
@@ -126,7 +126,7 @@ def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, m
     monkeypatch.setattr(sw, "_batches", real)
     assert sw.main(args) == 0
     assert "d4/seed0: resumed at step 2 of 3" in capsys.readouterr().out
-    assert not any((tmp_path / "partial").iterdir())
+    assert not (tmp_path / "partial").exists()  # every cell finished: no checkpoint left
     resumed = json.loads((tmp_path / "sweep.json").read_text())["cells"]
     whole = json.loads((finished[0] / "sweep.json").read_text())["cells"]
     for cid in ("float32/seed0", "d4/seed0"):
@@ -191,20 +191,32 @@ def test_sweep_is_a_command_of_the_cli(tmp_path, capsys):
     assert len(err) == 1 and "K" in err[0] and not (tmp_path / "s").exists()
 
 
+def test_sigterm_under_the_cli_saves_the_running_cell_and_exits_143(tmp_path, capsys, monkeypatch):
+    import os
+    import signal
+
+    from dgl_jax.cli import main as cli_main
+
+    real = sw._batches
+
+    def batches(*a):
+        for step, idx in real(*a):
+            if step == 2 and a[-1] == 3:  # the training loop's third step: the signal arrives mid-cell
+                os.kill(os.getpid(), signal.SIGTERM)
+            yield step, idx
+
+    monkeypatch.setattr(sw, "_batches", batches)
+    args = ["sweep", *tiny_args(tmp_path, codecs="vq-packed:16:4", seeds="0"), "--checkpoint-every", "0"]
+    assert cli_main(args) == 143
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the running one's state in" in err[0]
+    saved = sorted(p.name for p in (tmp_path / "partial" / "float32-seed0").iterdir())
+    assert saved == ["2"]  # the state after the 2 steps done when the signal came
+
+
 def test_codec_options_reach_the_swept_quantizer():
     name = sw.parse_codecs("vq-packed:16:4:init=kmeans++:decay=0.9:restart=0")[0]
     cfg, packed = sw.vq_config(name)
     assert (cfg.init, cfg.decay, cfg.restart_threshold, packed) == ("kmeans++", 0.9, 0.0, True)
     assert cfg.codec(packed).name == name  # bytes are measured on the same codec
     assert sw.group_of(name) == "d4:init=kmeans++:decay=0.9:restart=0" != sw.group_of("vq-packed:16:4")
-
-
-def test_cells_of_an_older_sweep_file_take_its_provenance():
-    from dgl_jax.sweep import _cells_with_provenance
-
-    old = {"git_sha": "abc", "git_dirty": False, "machine": {"cpu_model": "x"},
-           "cells": {"float32/seed0": {"seed": 0}, "d4/seed0": {"seed": 0, "git_sha": "def"}}}  # fmt: skip
-    cells = _cells_with_provenance(old)
-    assert cells["float32/seed0"] == {"git_sha": "abc", "git_dirty": False, "machine": {"cpu_model": "x"}, "seed": 0}
-    assert cells["d4/seed0"]["git_sha"] == "def"  # a cell's own record wins
-    assert _cells_with_provenance(None) == {}
