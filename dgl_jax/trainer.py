@@ -47,7 +47,7 @@ from dgl_jax.devices import resolve_layout, split_batch
 from dgl_jax.distributed import from_process_rows, local_rows, place
 from dgl_jax.evaluation import eval_all, eval_batch, pad_eval
 from dgl_jax.files import json_ready
-from dgl_jax.input_pipeline import batch_at, epoch_order, one_step, run_chunk, streamed_step
+from dgl_jax.input_pipeline import augment_at, batch_at, epoch_order, one_step, run_chunk, streamed_step
 from dgl_jax.methods import METHODS, Method, get_method, register_method
 from dgl_jax.stage import StageState, init_stage_states, with_codec
 from dgl_jax.steps import forward_features
@@ -305,10 +305,15 @@ class Trainer:
         from dgl_jax.parallel import PipelinedDGL, Placement, SpmdPipeline
 
         steps = range(start, min(start + self.chunk_steps, self.steps_per_epoch))
-        if self._batch_fn is None:
+        if self._batch_fn is None and self.source is None:
             b, spe = self.config.batch_size, self.steps_per_epoch
             self._batch_fn = jax.jit(lambda *a: batch_at(*a, b, spe, self.augment))
-        items = [self._batch_fn(images, labels, perm, step_base, jnp.int32(s)) for s in steps]
+        elif self._batch_fn is None:  # grain: ``images`` is the epoch's batch iterator
+            self._batch_fn = jax.jit(lambda x, y, base, s: augment_at(x, y, base, s, self.augment))
+        if self.source is None:
+            items = [self._batch_fn(images, labels, perm, step_base, jnp.int32(s)) for s in steps]
+        else:
+            items = [self._batch_fn(*next(images), step_base, jnp.int32(s)) for s in steps]
         batches, keys = [(x, y) for x, y, _ in items], [k for _, _, k in items]
         lay, x0, y0 = self.layout, items[0][0], items[0][1]
         group = lay.stage_group(self.num_stages)  # stage j runs on stage group group[j]

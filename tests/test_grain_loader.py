@@ -9,6 +9,7 @@ import threading
 from unittest import mock
 
 import chex
+import jax
 import numpy as np
 import pytest
 from conftest import run_until
@@ -106,3 +107,16 @@ def test_bad_loader_names_the_accepted_ones(small):
 def test_memory_path_does_not_import_grain():
     code = "import sys, dgl_jax.cli, dgl_jax.trainer; assert 'grain' not in sys.modules, 'grain imported'"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("executor", ["spmd", "threads"])
+def test_grain_feeds_the_stage_parallel_pipeline_bit_for_bit(small, grain_trainer, grain_straight, executor):
+    # the same batches and keys as the memory loader, so stage-parallel grain equals one-device grain as
+    # stage-parallel memory equals one device (allclose: each stage's program is compiled on its own)
+    config = dataclasses.replace(CONFIG, loader="grain", devices=2, parallel="stages", executor=executor)
+    trainer = Trainer(config, dataset=small, log=lambda s: None)
+    trainer._initial = grain_trainer.init_state()
+    state = run_until(trainer, trainer.init_state())
+    assert (state.epoch, state.step) == (1, 0) and trainer.wire_bytes["measured"] > 0
+    chex.assert_trees_all_close(jax.device_get(state.stages), jax.device_get(grain_straight.stages), rtol=1e-5,
+                                atol=1e-6)  # fmt: skip
