@@ -66,7 +66,7 @@ def main(argv=None) -> dict:
     batches = [(data.train_images[i * b : (i + 1) * b], data.train_labels[i * b : (i + 1) * b]) for i in range(n_b)]
     k = 3
     cfg = A.AsyncConfig(capacity=1)
-    inject = dict(slow_stage=args.slow_stage, slowdown=args.slowdown, link_delay_s=args.link_delay_s)
+    injected = A.Injected(slow_stage=args.slow_stage, slowdown=args.slowdown, link_delay_s=args.link_delay_s)
     free = [args.updates] + [None] * (k - 1)
     ray.init(num_cpus=k, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     try:
@@ -74,14 +74,14 @@ def main(argv=None) -> dict:
         key = jax.random.key(args.seed)
         out: dict[str, list] = {"ray": [], "threads": [], "sync": []}
         bytes_per_step: dict[str, list[float]] = {}
-        with RayExecutor(stages, states, batches[0], cfg, Options(queue_size=4, **inject), key=key) as ex:
+        with RayExecutor(stages, states, batches[0], cfg, Options(queue_size=4, injected=injected), key=key) as ex:
             for _ in range(args.repeats):
                 seg = ex.run(batches, free, states)
                 out["ray"].append(rates(seg.records))
                 bytes_per_step["float32"] = [r["bytes_sent"] / max(r["updates"], 1) for r in seg.records]
                 for name, lockstep in (("threads", False), ("sync", True)):
                     res = A.run_threaded(stages, states, batches, cfg, num_updates=args.updates if lockstep else free,
-                                         lockstep=lockstep, queue_size=4, key=key, **inject)  # fmt: skip
+                                         lockstep=lockstep, queue_size=4, key=key, injected=injected)  # fmt: skip
                     out[name].append((res.updates / res.stage_s).tolist())
         vq_stages, vq_states = build(args.codec, batches)
         with RayExecutor(vq_stages, vq_states, batches[0], cfg, Options(queue_size=4), key=key) as ex:
@@ -102,7 +102,7 @@ def main(argv=None) -> dict:
             "queue_size": 4,
             "updates_stage0": args.updates,
             "repeats": args.repeats,
-            **inject,
+            **injected._asdict(),
         },
         "updates_per_s": {"median": med, "runs": out},
         "ratio_vs_sync": {

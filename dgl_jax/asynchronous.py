@@ -759,22 +759,31 @@ def _consume(stage: Stage, sender: Stage, config: AsyncConfig, state: StageState
     return state, buf, (wire_out, y), m["loss"], m["accuracy"], ok, age, reuse
 
 
-def check_wallclock(
-    num_stages: int,
-    slow_stage: int | None,
-    slowdown: float,
-    slow_extra_s: float,
-    link_delay_s: float,
-    link_bandwidth_bps: float | None = None,
-) -> None:
-    """``ValueError`` (one line) for a bad injected slow-down, link delay or link bandwidth of a wall-clock run."""
-    _check_stage(slow_stage, num_stages)
-    _check_slowdown(slowdown)
-    if not slow_extra_s >= 0:
-        raise ValueError(f"slow_extra_s must be >= 0, got {slow_extra_s}")
-    if not link_delay_s >= 0:
-        raise ValueError(f"link delay must be >= 0 seconds, got {link_delay_s}")
-    check_bandwidth(link_bandwidth_bps)
+class Injected(NamedTuple):
+    """Slow-downs and links injected into a wall-clock run (threads or Ray): stage ``slow_stage`` (None: none)
+    is slowed ``slowdown`` times (it sleeps ``slowdown - 1`` times each update's duration) plus
+    ``slow_extra_s`` seconds per update; every link adds ``link_delay_s`` seconds of latency and carries
+    ``link_bandwidth_bps`` bit/s (None: infinite; see :func:`link_schedule`)."""
+
+    slow_stage: int | None = None
+    slowdown: float = 1.0
+    slow_extra_s: float = 0.0
+    link_delay_s: float = 0.0
+    link_bandwidth_bps: float | None = None
+
+    def check(self, num_stages: int) -> None:
+        """``ValueError`` (one line) for a bad slow stage, slow-down, link delay or link bandwidth."""
+        _check_stage(self.slow_stage, num_stages)
+        _check_slowdown(self.slowdown)
+        if not self.slow_extra_s >= 0:
+            raise ValueError(f"slow_extra_s must be >= 0, got {self.slow_extra_s}")
+        if not self.link_delay_s >= 0:
+            raise ValueError(f"link delay must be >= 0 seconds, got {self.link_delay_s}")
+        check_bandwidth(self.link_bandwidth_bps)
+
+    def stage(self, j: int) -> tuple[float, float]:
+        """``(slowdown, slow_extra_s)`` of stage ``j``: ``(1.0, 0.0)`` unless it is the slowed stage."""
+        return (self.slowdown, self.slow_extra_s) if j == self.slow_stage else (1.0, 0.0)
 
 
 def update_counts(num_updates: int | Sequence[int | None], num_stages: int) -> list[int | None]:
@@ -799,11 +808,7 @@ def run_threaded(
     *,
     num_updates: int | Sequence[int],
     devices: Sequence[jax.Device] | None = None,
-    slow_stage: int | None = None,
-    slow_extra_s: float = 0.0,
-    slowdown: float = 1.0,
-    link_delay_s: float = 0.0,
-    link_bandwidth_bps: float | None = None,
+    injected: Injected | None = None,
     lockstep: bool = False,
     queue_size: int | None = None,
     buffers: Sequence[buffer.BufferState | None] | None = None,
@@ -816,16 +821,15 @@ def run_threaded(
     cycles through ``batches`` (host ``(x, targets)``); stage j > 0 samples from its own replay buffer of
     wires (on its device, ``config`` gives capacity/policy/max_reuse; ``buffers`` continues from those of an
     earlier call), which the stage below fills by sending its wire (``device_put`` to stage j's device,
-    through an :class:`Inbox` of ``queue_size`` items, None: unbounded; ``link_delay_s`` seconds of injected
-    latency; ``link_bandwidth_bps`` bit/s of emulated bandwidth, None: infinite, see :func:`link_schedule`).
+    through an :class:`Inbox` of ``queue_size`` items, None: unbounded, with the latency and bandwidth of
+    ``injected``, an :class:`Injected`, None: none).
     Each step's key comes from splitting stage j's key ``fold_in(key, j)``.
 
     Free-running, a stage waits only when its buffer has nothing to sample; if the stage below has finished
     and nothing can be sampled, it stops early (``updates[j] < num_updates[j]``); no item is overwritten
     before it was read, so a full inbox makes the sender wait (see :func:`stage_loop`). ``lockstep=True`` consumes
     every wire exactly once, in order (a full inbox makes the sender
-    wait): with one-item buffers this is pipelined synchronous DGL. ``slow_stage`` is slowed ``slowdown``
-    times (it sleeps ``slowdown - 1`` times each update's duration) plus ``slow_extra_s`` seconds per update.
+    wait): with one-item buffers this is pipelined synchronous DGL. ``injected`` also slows a stage down.
     Every function is compiled in the calling thread before any worker starts (jax#17457). A worker exception
     is re-raised here, ``KeyboardInterrupt`` or ``timeout_s`` stop every thread
     (:class:`~dgl_jax.parallel.Workers`). ``states`` (and ``buffers``) are copied, not donated.
@@ -837,7 +841,8 @@ def run_threaded(
         raise ValueError(f"got {len(stages)} stages but {len(states)} states")
     if not batches:
         raise ValueError("run_threaded needs at least one batch")
-    check_wallclock(k, slow_stage, slowdown, slow_extra_s, link_delay_s, link_bandwidth_bps)
+    injected = Injected() if injected is None else injected
+    injected.check(k)
     n_up = update_counts(num_updates, k)
     devices = list(jax.devices() if devices is None else devices)
     devs = [devices[j % len(devices)] for j in range(k)]
@@ -887,8 +892,8 @@ def run_threaded(
                 inbox=inboxes[j],
                 send=send if outbox is not None else None,
                 lockstep=lockstep,
-                slowdown=slowdown if j == slow_stage else 1.0,
-                slow_extra_s=slow_extra_s if j == slow_stage else 0.0,
+                slowdown=injected.stage(j)[0],
+                slow_extra_s=injected.stage(j)[1],
                 on_update=count,
             )
             placed[j], bufs[j] = out.state, out.buf
@@ -904,7 +909,9 @@ def run_threaded(
     with Workers() as w:
         # a full inbox (queue_size items) makes the producer wait; None: unbounded
         for j in range(1, k):
-            inboxes[j] = Inbox(queue_size, link_delay_s, stop=w.stop, bandwidth_bps=link_bandwidth_bps)
+            inboxes[j] = Inbox(
+                queue_size, injected.link_delay_s, stop=w.stop, bandwidth_bps=injected.link_bandwidth_bps
+            )
         for j in range(k):
             w.spawn(worker, j, name=f"async-stage{j}")
         w.join(timeout_s)

@@ -169,8 +169,10 @@ ASYNC_OPTIONS: dict[str, Any] = {
     "schedule": "paper",
     "slow_stage": None,
     "slowdown": 1.0,
-    # wall-clock executors only (--executor threads|ray; dgl_jax.wallclock): link latency, link capacity
+    # wall-clock executors only (--executor threads|ray; dgl_jax.wallclock): link latency, emulated link
+    # bandwidth (bit/s, None: infinite), link capacity (items)
     "link_delay_s": 0.0,
+    "link_bandwidth_bps": None,
     "queue_size": 4,
 }
 

@@ -143,13 +143,9 @@ class Options(NamedTuple):
     """How the actors run (see :class:`RayExecutor`)."""
 
     lockstep: bool = False
-    slow_stage: int | None = None
-    slowdown: float = 1.0
-    slow_extra_s: float = 0.0
-    link_delay_s: float = 0.0
     queue_size: int = 4
     checkpoint_every: int = 100
-    link_bandwidth_bps: float | None = None  # bit/s of emulated link bandwidth (None: infinite)
+    injected: asy.Injected = asy.Injected()  # slow-down, link latency and bandwidth
 
 
 def _host(tree: PyTree) -> PyTree:
@@ -191,8 +187,9 @@ class StageActor:
             self.buf = jax.device_put(buffer.init(config.capacity, asy._zeros(item)), self.device)
         x, y = jax.device_put(tuple(jnp.zeros(s.shape, s.dtype) for s in example), self.device)
         self.program = asy.compile_stage(self.stages, j, config, self.state, self.buf, x, y, self.key)
+        links = options.injected
         self.inbox = asy.Inbox(
-            options.queue_size, options.link_delay_s, stop=self.stop_event, bandwidth_bps=options.link_bandwidth_bps
+            options.queue_size, links.link_delay_s, stop=self.stop_event, bandwidth_bps=links.link_bandwidth_bps
         )
         self._lock = threading.Lock()
         self._next_seq: int | None = None
@@ -304,7 +301,7 @@ class StageActor:
 
         base = self.updates
         todo = None if target is None else max(0, target - base)
-        slowed = self.j == self.opt.slow_stage
+        slowdown, slow_extra_s = self.opt.injected.stage(self.j)
         out = asy.stage_loop(
             self.j,
             self.program,
@@ -317,8 +314,8 @@ class StageActor:
             inbox=_SegmentInbox(self.inbox, segment) if self.j > 0 else None,
             send=send if self.downstream is not None else None,
             lockstep=self.opt.lockstep,
-            slowdown=self.opt.slowdown if slowed else 1.0,
-            slow_extra_s=self.opt.slow_extra_s if slowed else 0.0,
+            slowdown=slowdown,
+            slow_extra_s=slow_extra_s,
             stop=self.stop_event,
             on_update=on_update,
         )
@@ -416,8 +413,7 @@ class RayExecutor:
         options = Options() if options is None else options
         if len(states) != k:
             raise ValueError(f"got {k} stages but {len(states)} states")
-        o = options
-        asy.check_wallclock(k, o.slow_stage, o.slowdown, o.slow_extra_s, o.link_delay_s, o.link_bandwidth_bps)
+        options.injected.check(k)
         if options.queue_size < 1 or options.checkpoint_every < 0:
             raise ValueError(f"queue_size must be >= 1 and checkpoint_every >= 0, got {options}")
         self.k, self.options, self.config = k, options, config

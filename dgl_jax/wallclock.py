@@ -13,8 +13,9 @@ Method options of ``async`` (``--method-option``): ``capacity``, ``policy``, ``m
 simulation; ``schedule=round_robin`` makes the stages lock-step (every wire consumed once, in order:
 synchronous DGL, pipelined), any other schedule lets them run free; ``slow_stage``/``slowdown`` slow a stage
 down by that factor (it sleeps ``slowdown - 1`` times each update's duration); ``link_delay_s`` adds that
-latency to every link; ``queue_size`` bounds each link (back-pressure). ``delay`` (ticks of the simulation)
-must be 0. ``--method dgl --executor ray`` is lock-step with one-item buffers.
+latency to every link and ``link_bandwidth_bps`` (bit/s) emulates its bandwidth
+(:func:`~dgl_jax.asynchronous.link_schedule`); ``queue_size`` bounds each link (back-pressure). ``delay``
+(ticks of the simulation) must be 0. ``--method dgl --executor ray`` is lock-step with one-item buffers.
 
 Per-stage metrics of each chunk (``metrics.jsonl``): ``loss``/``accuracy`` (means over the stage's updates),
 ``updates``, ``staleness`` (mean number of newer items in the buffer when the consumed one was read),
@@ -45,16 +46,15 @@ def is_wallclock(config: Any) -> bool:
 
 def settings(config: Any) -> tuple[asy.AsyncConfig, dict]:
     """The buffers' :class:`~dgl_jax.asynchronous.AsyncConfig` and the run options (``lockstep``,
-    ``slow_stage``, ``slowdown``, ``link_delay_s``, ``queue_size``) of ``config``; one-line ``ValueError``."""
+    ``queue_size``, ``injected``: an :class:`~dgl_jax.asynchronous.Injected`) of ``config``; one-line
+    ``ValueError``."""
     if config.method == "dgl":
         if config.method_options:
             raise ValueError(f"method 'dgl' takes no method options, got {sorted(config.method_options)}")
         return asy.AsyncConfig(capacity=1, policy="lifo"), {
             "lockstep": True,
-            "slow_stage": None,
-            "slowdown": 1.0,
-            "link_delay_s": 0.0,
             "queue_size": 4,
+            "injected": asy.Injected(),
         }
     if config.method != "async":
         raise ValueError(f"--executor {config.executor} runs methods 'async' and 'dgl' (ray), not {config.method!r}")
@@ -70,17 +70,20 @@ def settings(config: Any) -> tuple[asy.AsyncConfig, dict]:
     lockstep = o["schedule"] == "round_robin"
     if lockstep and o["slow_stage"] is not None and o["slowdown"] != 1.0:
         raise ValueError("round_robin (lock-step) cannot slow a stage; use schedule=paper or fixed")
-    asy.check_wallclock(1 << 30, o["slow_stage"], o["slowdown"], 0.0, float(extra["link_delay_s"]))
+    for name in ("link_delay_s", "link_bandwidth_bps"):
+        if not (o[name] is None and name == "link_bandwidth_bps" or isinstance(o[name], (int, float))):
+            raise ValueError(f"{name} {o[name]!r} is not valid; expected a number")
+    injected = asy.Injected(
+        slow_stage=o["slow_stage"],
+        slowdown=float(o["slowdown"]) if o["slow_stage"] is not None else 1.0,
+        link_delay_s=float(o["link_delay_s"]),
+        link_bandwidth_bps=o["link_bandwidth_bps"],
+    )
+    injected.check(1 << 30)  # the slow stage against the stage count: in WallclockChunks
     q = extra["queue_size"]
     if not (isinstance(q, int) and q >= 1):
         raise ValueError(f"queue_size {q!r} is not valid; expected an integer >= 1")
-    return acfg, {
-        "lockstep": lockstep,
-        "slow_stage": o["slow_stage"],
-        "slowdown": float(o["slowdown"]),
-        "link_delay_s": float(extra["link_delay_s"]),
-        "queue_size": q,
-    }
+    return acfg, {"lockstep": lockstep, "queue_size": q, "injected": injected}
 
 
 class WallclockChunks:
@@ -92,8 +95,7 @@ class WallclockChunks:
         self.trainer = trainer
         cfg = trainer.config
         self.config, self.run = settings(cfg)
-        if self.run["slow_stage"] is not None:
-            asy.check_wallclock(trainer.num_stages, self.run["slow_stage"], 1.0, 0.0, 0.0)
+        self.run["injected"].check(trainer.num_stages)
         self.kind = cfg.executor
         if cfg.ray_address:  # an unreachable cluster fails here, in seconds, before any work
             from dgl_jax.ray_executor import check_address
@@ -116,11 +118,9 @@ class WallclockChunks:
         y = jax.ShapeDtypeStruct((x.shape[0],), jnp.int32)
         opts = Options(
             lockstep=self.run["lockstep"],
-            slow_stage=self.run["slow_stage"],
-            slowdown=self.run["slowdown"],
-            link_delay_s=self.run["link_delay_s"],
             queue_size=self.run["queue_size"],
             checkpoint_every=t.config.ray_checkpoint_every,
+            injected=self.run["injected"],
         )
         states = t.init_state().stages
         self.executor = RayExecutor(
@@ -191,9 +191,7 @@ class _Threads:
             self.config,
             num_updates=num_updates,
             devices=self.devices,
-            slow_stage=o["slow_stage"],
-            slowdown=o["slowdown"] if o["slow_stage"] is not None else 1.0,
-            link_delay_s=o["link_delay_s"],
+            injected=o["injected"],
             lockstep=o["lockstep"],
             queue_size=o["queue_size"],
             buffers=self.buffers,

@@ -91,7 +91,7 @@ from dgl_jax import (  # noqa: E402
     with_optimizer,
 )
 from dgl_jax.accounting import boundary_traffic, float32_bytes, nbytes  # noqa: E402
-from dgl_jax.asynchronous import AsyncConfig, buffer_items, run_threaded  # noqa: E402
+from dgl_jax.asynchronous import AsyncConfig, Injected, buffer_items, run_threaded  # noqa: E402
 from dgl_jax.cells import GridError, run_grid  # noqa: E402
 from dgl_jax.codecs import parse_codec  # noqa: E402
 from dgl_jax.files import write_atomic  # noqa: E402
@@ -371,7 +371,7 @@ def validate_cell(
     walls = []
     for r in range(1 + args.val_repeats):  # the first run warms up (first executions, threads): dropped
         res = run_threaded(stages, states, [(x, y)], cfg, num_updates=args.val_steps, devices=jax.devices()[:k],
-                         link_delay_s=latency_s, link_bandwidth_bps=bandwidth, lockstep=True,
+                         injected=Injected(link_delay_s=latency_s, link_bandwidth_bps=bandwidth), lockstep=True,
                          timeout_s=300)  # fmt: skip
         if list(res.updates) != [args.val_steps] * k:
             raise RuntimeError(f"validation run took {list(res.updates)} updates, expected {args.val_steps} each")

@@ -128,7 +128,9 @@ def test_bad_input_names_the_value(model):
     with pytest.raises(ValueError, match="'warp'"):
         A.make_schedule("warp", 3)
     with pytest.raises(ValueError, match="stage index -1"):
-        A.run_threaded(stages, states, [(X[0], Y[0])], A.AsyncConfig(), num_updates=1, slow_stage=-1)
+        A.run_threaded(
+            stages, states, [(X[0], Y[0])], A.AsyncConfig(), num_updates=1, injected=A.Injected(slow_stage=-1)
+        )
 
 
 def test_threaded_runner_on_two_fake_devices(model):
@@ -142,9 +144,8 @@ def test_threaded_runner_on_two_fake_devices(model):
         A.AsyncConfig(capacity=2),
         num_updates=[4, 3, 5],
         devices=devs,
-        slow_stage=1,
-        slow_extra_s=0.02,
-        link_bandwidth_bps=1e12,  # the emulated-bandwidth path, at a rate that costs nothing
+        # the emulated-bandwidth path, at a rate that costs nothing
+        injected=A.Injected(slow_stage=1, slow_extra_s=0.02, link_bandwidth_bps=1e12),
         timeout_s=120,
     )
     assert res.updates.tolist() == [4, 3, 5]
@@ -187,7 +188,14 @@ def test_bad_link_bandwidth_is_one_line(model):
     stages, states = model
     for bad in (0.0, -1e9, float("nan")):
         with pytest.raises(ValueError, match="bandwidth must be > 0") as e:
-            A.run_threaded(stages, states, [(X[0], Y[0])], A.AsyncConfig(), num_updates=1, link_bandwidth_bps=bad)
+            A.run_threaded(
+                stages,
+                states,
+                [(X[0], Y[0])],
+                A.AsyncConfig(),
+                num_updates=1,
+                injected=A.Injected(link_bandwidth_bps=bad),
+            )
         assert "\n" not in str(e.value)
     with pytest.raises(ValueError, match="bandwidth must be > 0"):
         A.Inbox(bandwidth_bps=0)
@@ -267,3 +275,23 @@ def test_cli_async_slow_stage_writes_per_stage_records(tmp_path, capsys):
     assert cli.main([*args[:-1], str(tmp_path / "bad"), "--method-option", "slow_stage=7"]) == 2
     assert "stage index 7" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def test_wallclock_settings_carry_the_injected_links_and_reject_bad_ones():
+    from dgl_jax import wallclock
+    from dgl_jax.trainer import TrainConfig
+
+    def settings(**options):
+        return wallclock.settings(TrainConfig(method="async", executor="threads", method_options=options))[1]
+
+    run = settings(link_delay_s=0.01, link_bandwidth_bps=1e9, slow_stage=1, slowdown=2)
+    assert run["injected"] == A.Injected(slow_stage=1, slowdown=2.0, link_delay_s=0.01, link_bandwidth_bps=1e9)
+    assert settings()["injected"] == A.Injected()  # no slow stage: slowdown 1, infinite links
+    for options, needle in [
+        (dict(link_bandwidth_bps=0), "bandwidth must be > 0"),
+        (dict(link_bandwidth_bps="fast"), "link_bandwidth_bps 'fast' is not valid; expected a number"),
+        (dict(link_delay_s=-1), "link delay must be >= 0"),
+    ]:
+        with pytest.raises(ValueError, match=needle) as e:
+            settings(**options)
+        assert "\n" not in str(e.value)

@@ -22,6 +22,7 @@ ray = pytest.importorskip("ray")
 
 from dgl_jax import asynchronous as A  # noqa: E402
 from dgl_jax import get_model, init_stage_states, make_optimizer, with_optimizer  # noqa: E402
+from dgl_jax.asynchronous import Injected  # noqa: E402
 from dgl_jax.ray_executor import Options, RayExecutor  # noqa: E402
 
 T = 4  # batches
@@ -65,7 +66,7 @@ def test_lockstep_one_item_buffers_make_the_threaded_executors_updates(cluster):
 def test_killed_actor_restarts_from_its_last_checkpoint_and_the_run_completes(cluster, tmp_path):
     stages, states = model(2)
     every = 5
-    opts = Options(checkpoint_every=every, slow_stage=1, slow_extra_s=0.05)
+    opts = Options(checkpoint_every=every, injected=Injected(slow_stage=1, slow_extra_s=0.05))
     ex = RayExecutor(stages, states, BATCHES[0], A.AsyncConfig(capacity=2), opts, directory=tmp_path)
     out = {}
     try:
