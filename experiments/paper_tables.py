@@ -34,7 +34,7 @@ import numpy as np
 from dgl_jax.cells import GridError, mean_std, open_grid, run_grid
 from dgl_jax.config import scale_decay
 from dgl_jax.data import Dataset, load_dataset
-from dgl_jax.files import save_figure, write_atomic, write_json
+from dgl_jax.files import save_figure, write_atomic
 from dgl_jax.models import get_model, stage_costs
 from dgl_jax.presets import preset_config
 from dgl_jax.sweep import parse_seeds
@@ -406,24 +406,27 @@ def main(argv: list[str] | None = None) -> dict:
     # seeds: every seed with a cell in the file, and the ones asked now
     done_seeds = {c["config"]["seed"] for c in grid["cells"].values()}
     header["seeds"] = sorted(done_seeds | set(seeds))
+    path = stem.with_suffix(".json")
+
+    def derive(grid: dict) -> None:  # the per-run summary, refreshed before each write of the grid
+        labels = [r.label for r in table.runs if any(c.rsplit("/", 1)[0] == r.label for c in grid["cells"])]
+        grid["runs"] = summarize(grid, labels) if labels else {}
+        for label, r in grid["runs"].items():
+            if args.table in ("aux_heads", "num_stages"):
+                cfg = next(c for cid, c in grid["cells"].items() if cid.rsplit("/", 1)[0] == label)["config"]
+                r["costs"] = head_costs(_config(cfg), dataset.image_shape)
+
+    log = lambda s: print(f"[{args.table}] {s}", flush=True)  # noqa: E731
     try:
-        run_grid(
-            stem.with_suffix(".json"), ident, cells, header, log=lambda s: print(f"[{args.table}] {s}", flush=True)
-        )
+        result = run_grid(path, ident, cells, header, log=log, derive=derive)
     except KeyboardInterrupt:
+        if path.exists():  # the finished cells' tables, then exit
+            saved = open_grid(path, ident)
+            if saved["cells"]:
+                write_outputs(args.table, saved, stem)
         sys.exit(130)
-    finally:
-        saved = json.loads(stem.with_suffix(".json").read_text()) if stem.with_suffix(".json").exists() else None
-        if saved is not None and saved["cells"]:
-            labels = [r.label for r in table.runs if any(c.rsplit("/", 1)[0] == r.label for c in saved["cells"])]
-            saved["runs"] = summarize(saved, labels)
-            for label, r in saved["runs"].items():
-                if args.table in ("aux_heads", "num_stages"):
-                    cfg = next(c for cid, c in saved["cells"].items() if cid.rsplit("/", 1)[0] == label)["config"]
-                    r["costs"] = head_costs(_config(cfg), dataset.image_shape)
-            write_json(stem.with_suffix(".json"), saved)
-            write_outputs(args.table, saved, stem)
-    result = json.loads(stem.with_suffix(".json").read_text())
+    if result["cells"]:
+        write_outputs(args.table, result, stem)
     print(markdown(args.table, table, result))
     return result
 
