@@ -870,6 +870,7 @@ def run_threaded(
 
     def worker(j):
         outbox = inboxes[j + 1] if j + 1 < k else None
+        slowdown, slow_extra = injected.stage(j)
 
         def send(item):
             outbox.put(jax.device_put(item, devs[j + 1]))
@@ -892,8 +893,8 @@ def run_threaded(
                 inbox=inboxes[j],
                 send=send if outbox is not None else None,
                 lockstep=lockstep,
-                slowdown=injected.stage(j)[0],
-                slow_extra_s=injected.stage(j)[1],
+                slowdown=slowdown,
+                slow_extra_s=slow_extra,
                 on_update=count,
             )
             placed[j], bufs[j] = out.state, out.buf

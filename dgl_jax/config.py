@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -101,11 +102,12 @@ def config_from_dict(d: dict) -> TrainConfig:
 
 
 def scale_decay(
-    decay_epochs: int | tuple[int, ...] | None, recipe_epochs: int, epochs: int
-) -> int | tuple[int, ...] | None:
+    decay_epochs: int | Sequence[int] | None, recipe_epochs: int, epochs: int
+) -> int | Sequence[int] | None:
     """A recipe's LR decay epochs for ``epochs`` instead of its ``recipe_epochs``, at the same fractions of
     the run (rounded, at least 1): every ``n`` epochs becomes every ``round(n * epochs / recipe_epochs)``;
-    a list keeps the epochs that still fall inside the run, ``None`` when none does (constant LR)."""
+    a list keeps the epochs that still fall inside the run (a tuple), ``None`` when none does (constant LR);
+    ``decay_epochs`` itself when the epochs are the same."""
     if decay_epochs is None or epochs == recipe_epochs:
         return decay_epochs
     scale = epochs / recipe_epochs

@@ -10,10 +10,6 @@ from dgl_jax.config import scale_decay
 from dgl_jax.trainer import TrainConfig, config_to_dict
 
 
-def _tuple(x):
-    return tuple(x) if isinstance(x, list) else x
-
-
 class Preset(NamedTuple):
     """A named recipe: ``description`` (shown by ``--help``) and the ``TrainConfig`` fields it sets."""
 
@@ -112,7 +108,7 @@ def preset_config(name: str, **overrides) -> TrainConfig:
     base = config_to_dict(TrainConfig())
     base.update(PRESETS[name].overrides)
     if "epochs" in overrides and "decay_epochs" not in overrides:
-        base["decay_epochs"] = scale_decay(_tuple(base["decay_epochs"]), base["epochs"], overrides["epochs"])
+        base["decay_epochs"] = scale_decay(base["decay_epochs"], base["epochs"], overrides["epochs"])
     base.update(overrides)
     for k in ("split", "decay_epochs"):
         if isinstance(base.get(k), list):

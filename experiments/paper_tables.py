@@ -157,9 +157,7 @@ def run_config(table: Table, run: Run, budget: str, seed: int) -> TrainConfig:
     base.update(overrides)
     if divisor > 1:
         epochs = max(1, base["epochs"] // divisor)
-        decay = base.get("decay_epochs")
-        decay = scale_decay(tuple(decay) if isinstance(decay, list) else decay, base["epochs"], epochs)
-        base.update(epochs=epochs, decay_epochs=decay)
+        base.update(epochs=epochs, decay_epochs=scale_decay(base.get("decay_epochs"), base["epochs"], epochs))
     if budget == "tiny" and base.get("method_options"):
         base["method_options"] = {**base["method_options"], "synth_width": 8, "synth_kernel": 3}
     base["seed"] = seed
