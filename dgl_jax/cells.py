@@ -34,6 +34,18 @@ class GridError(ValueError):
     """The results file cannot be resumed (unreadable, or it holds a grid of another identity)."""
 
 
+def _differences(a: Mapping[str, Any], b: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """The keys where ``a`` and ``b`` differ, nested dictionaries as ``config.lr``."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        x, y = a.get(k), b.get(k)
+        if isinstance(x, Mapping) and isinstance(y, Mapping):
+            out += _differences(x, y, f"{prefix}{k}.")
+        elif x != y:
+            out.append(prefix + k)
+    return out
+
+
 def open_grid(path: str | Path, ident: Mapping[str, Any]) -> dict:
     """The grid stored at ``path`` with its finished cells, or a new empty one; :class:`GridError` when the file
     is unreadable or was written for another ``ident``."""
@@ -45,13 +57,13 @@ def open_grid(path: str | Path, ident: Mapping[str, Any]) -> dict:
     except (OSError, ValueError) as e:
         raise GridError(f"{path}: unreadable ({e}); move it away or use another output path") from None
     stored = old.get("ident")
-    if stored is None:  # written before grids carried an identity: adopt the caller's
-        return {**old, "ident": dict(ident), "cells": old.get("cells", {})}
     ident = json.loads(json.dumps(ident))  # tuples -> lists, as stored
+    if stored is None:  # written before grids carried an identity: its top-level fields of the same names
+        old["ident"] = ident  # stand for it, and it adopts the caller's
+        stored, ident = {k: old[k] for k in ident if k in old}, {k: ident[k] for k in ident if k in old}
     if stored != ident:
-        keys = sorted(k for k in set(ident) | set(stored or {}) if (stored or {}).get(k) != ident.get(k))
-        raise GridError(f"{path} holds a grid of another configuration (differs in {', '.join(keys)}); "
-                        "use another output path")  # fmt: skip
+        keys = ", ".join(_differences(stored, ident))
+        raise GridError(f"{path} holds a grid of another configuration (differs in {keys}); use another output path")
     old.setdefault("cells", {})
     return old
 

@@ -605,24 +605,6 @@ def plot(result: dict, path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # The command
 # ----------------------------------------------------------------------------------------------------------
-def _check_existing(path: Path, config: dict, names: list[str]) -> None:
-    """``SweepError`` if ``path`` holds a sweep of another configuration or codec list (or is unreadable)."""
-    if not path.is_file():
-        return
-    try:
-        old = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise SweepError(f"{path}: unreadable ({e}); use another --out") from None
-    stored = old.get("config", {})
-    diff = [k for k in sorted(set(config) | set(stored)) if config.get(k) != stored.get(k)]
-    if old.get("codecs") != names:
-        diff.append("codecs")
-    if diff:
-        raise SweepError(
-            f"{path} holds a sweep of another configuration (differs in {', '.join(diff)}); use another --out"
-        )
-
-
 def _argv(args: argparse.Namespace) -> list[str]:
     """The sweep's own arguments (``main`` records them; under the CLI they follow ``sweep`` in sys.argv)."""
     argv = getattr(args, "argv", None)
@@ -700,7 +682,6 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         raise SweepError(str(e).splitlines()[0]) from None
     try:
         path = out / "sweep.json"
-        _check_existing(path, ident, names)
         header = {
             "experiment": "sweep",
             "git_dirty": provenance.git_dirty(),

@@ -59,6 +59,15 @@ def test_a_grid_of_another_configuration_is_refused(tmp_path):
         cells.open_grid(path, {})
 
 
+def test_a_grid_written_before_identities_is_checked_on_its_fields_of_the_same_names(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text(json.dumps({"config": {"lr": 0.1, "epochs": 3}, "runs": {}}))  # no "ident", no "cells"
+    with pytest.raises(cells.GridError, match=r"differs in config\.lr\)"):
+        cells.open_grid(path, {"config": {"lr": 0.2, "epochs": 3}, "codecs": ["a"]})
+    grid = cells.open_grid(path, {"config": {"lr": 0.1, "epochs": 3}, "codecs": ["a"]})
+    assert grid["ident"] == {"config": {"lr": 0.1, "epochs": 3}, "codecs": ["a"]} and grid["cells"] == {}
+
+
 def test_provenance_names_the_checkout():
     sha = provenance.git_sha()
     assert sha is None or len(sha) == 40
