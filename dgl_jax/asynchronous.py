@@ -46,6 +46,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import numbers
 import queue
 import threading
 import time
@@ -75,9 +76,13 @@ def _check_stage(stage: int | None, num_stages: int) -> None:
         raise ValueError(f"stage index {stage} out of range for {num_stages} stages (expected 0..{num_stages - 1})")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def _check_slowdown(slowdown: float) -> None:
-    if not float(slowdown) >= 1.0:
-        raise ValueError(f"slow-down factor must be >= 1, got {slowdown}")
+    if not (_is_number(slowdown) and slowdown >= 1.0):
+        raise ValueError(f"slow-down factor must be a number >= 1, got {slowdown!r}")
 
 
 @flax.struct.dataclass
@@ -773,6 +778,9 @@ class Injected(NamedTuple):
 
     def check(self, num_stages: int) -> None:
         """``ValueError`` (one line) for a bad slow stage, slow-down, link delay or link bandwidth."""
+        for name, value in self._asdict().items():
+            if name != "slow_stage" and not (value is None and name == "link_bandwidth_bps" or _is_number(value)):
+                raise ValueError(f"{name} {value!r} is not valid; expected a number")
         _check_stage(self.slow_stage, num_stages)
         _check_slowdown(self.slowdown)
         if not self.slow_extra_s >= 0:

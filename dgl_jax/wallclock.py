@@ -70,16 +70,13 @@ def settings(config: Any) -> tuple[asy.AsyncConfig, dict]:
     lockstep = o["schedule"] == "round_robin"
     if lockstep and o["slow_stage"] is not None and o["slowdown"] != 1.0:
         raise ValueError("round_robin (lock-step) cannot slow a stage; use schedule=paper or fixed")
-    for name in ("link_delay_s", "link_bandwidth_bps"):
-        if not (o[name] is None and name == "link_bandwidth_bps" or isinstance(o[name], (int, float))):
-            raise ValueError(f"{name} {o[name]!r} is not valid; expected a number")
     injected = asy.Injected(
         slow_stage=o["slow_stage"],
-        slowdown=float(o["slowdown"]) if o["slow_stage"] is not None else 1.0,
-        link_delay_s=float(o["link_delay_s"]),
+        slowdown=o["slowdown"] if o["slow_stage"] is not None else 1.0,
+        link_delay_s=o["link_delay_s"],
         link_bandwidth_bps=o["link_bandwidth_bps"],
     )
-    injected.check(1 << 30)  # the slow stage against the stage count: in WallclockChunks
+    injected.check(1 << 30)  # its types and signs; the slow stage against the stage count: in WallclockChunks
     q = extra["queue_size"]
     if not (isinstance(q, int) and q >= 1):
         raise ValueError(f"queue_size {q!r} is not valid; expected an integer >= 1")

@@ -291,6 +291,8 @@ def test_wallclock_settings_carry_the_injected_links_and_reject_bad_ones():
         (dict(link_bandwidth_bps=0), "bandwidth must be > 0"),
         (dict(link_bandwidth_bps="fast"), "link_bandwidth_bps 'fast' is not valid; expected a number"),
         (dict(link_delay_s=-1), "link delay must be >= 0"),
+        (dict(link_delay_s="soon"), "link_delay_s 'soon' is not valid; expected a number"),
+        (dict(slow_stage=1, slowdown="x2"), "slow-down factor must be a number >= 1, got 'x2'"),
     ]:
         with pytest.raises(ValueError, match=needle) as e:
             settings(**options)
