@@ -23,7 +23,10 @@ entropy column is a separate figure: what entropy coding of the codes could reac
                  removed when the cell finishes
 
 Re-running the same command skips the finished cells and resumes the running one from its checkpoint,
-bit-identical to an uninterrupted run; a different config or codec list in an existing folder is refused.
+bit-identical to an uninterrupted run. A re-run may add codecs or seeds: only the new (codec, seed) pairs
+train (a codec added to a finished group gets a cell of its own, ``d8/seed0+vq-packed:128:8``; every member
+trains from its seed's initial weights and batches whatever cell it is in) and the table holds them all. A
+different train config in an existing folder is refused.
 Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells and the running cell's state stay, exit 130.
 """
 
@@ -488,8 +491,29 @@ def run_cell(
 # ----------------------------------------------------------------------------------------------------------
 # Summary and reports
 # ----------------------------------------------------------------------------------------------------------
-def cell_id(group: str, seed: int) -> str:
-    return f"{group}/seed{seed}"
+def cell_id(group: str, seed: int, members: Sequence[str] = ()) -> str:
+    """``d8/seed0``; with ``members`` (codecs added to a group after its cell ran) ``d8/seed0+vq-packed:128:8``."""
+    return f"{group}/seed{seed}" + "".join(f"+{m}" for m in members)
+
+
+def member_results(cells: dict) -> dict[tuple[str, int], dict]:
+    """``{(member, seed): result}`` over every finished cell."""
+    return {(name, c["seed"]): r for c in cells.values() for name, r in c["members"].items()}
+
+
+def plan_cells(names: Sequence[str], seeds: Sequence[int], cells: dict) -> list[tuple[str, str, int, list[str]]]:
+    """``(cell id, group, seed, members)`` of what is left to train: per seed and group, the members with no
+    result in ``cells`` yet. A member trains from the seed's initial weights and batches whatever cell it is
+    in, so codecs added to a finished group form a cell of their own (:func:`cell_id` with ``members``)."""
+    trained = member_results(cells)
+    todo = []
+    for s in seeds:
+        for g, members in group_codecs(names).items():
+            missing = [m for m in members if (m, s) not in trained]
+            if missing:
+                cid = cell_id(g, s) if cell_id(g, s) not in cells else cell_id(g, s, missing)
+                todo.append((cid, g, s, missing))
+    return todo
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
@@ -504,12 +528,10 @@ def summarize(result: dict) -> list[dict]:
     """One row per member (the baseline first): bytes, ratio, buffer bytes, per-head accuracy mean/std over
     the finished seeds, last-head accuracy loss vs the baseline (points, paired by seed) and the entropy."""
     rows = []
-    seeds, cells = result["seeds"], result["cells"]
-    base = {s: cells[cell_id(BASELINE, s)]["members"][BASELINE] for s in seeds if cell_id(BASELINE, s) in cells}
+    trained = member_results(result["cells"])
+    base = {s: trained[BASELINE, s] for s in result["seeds"] if (BASELINE, s) in trained}
     for name in [BASELINE, *result["codecs"]]:
-        runs = {
-            s: cells[cell_id(group_of(name), s)]["members"][name] for s in seeds if cell_id(group_of(name), s) in cells
-        }
+        runs = {s: trained[name, s] for s in result["seeds"] if (name, s) in trained}
         b = result["bytes"][name]
         heads = list(zip(*[r["acc_heads"] for r in runs.values()], strict=True)) if runs else []
         losses = [base[s]["acc_heads"][-1] - r["acc_heads"][-1] for s, r in runs.items() if s in base]
@@ -682,39 +704,46 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         raise SweepError(str(e).splitlines()[0]) from None
     try:
         path = out / "sweep.json"
+        try:
+            stored = cells_lib.open_grid(path, {"config": ident})
+        except cells_lib.GridError as e:
+            raise SweepError(str(e).splitlines()[0]) from None
+        # a re-run may add codecs and seeds: the table holds every finished one, and only new pairs train
+        every = [*stored.get("codecs", []), *(n for n in names if n not in stored.get("codecs", []))]
         header = {
             "experiment": "sweep",
             "git_dirty": provenance.git_dirty(),
             "command": "python -m dgl_jax sweep " + " ".join(_argv(args)),
-            "seeds": seeds,
-            "codecs": names,
+            "seeds": sorted({c["seed"] for c in stored["cells"].values()} | set(seeds)),
+            "codecs": every,
             "config": ident,
             "mode": mode,
             "dataset": data.name,
             "boundary_shapes": [list(s) for s in shapes],
-            "bytes": codec_bytes(stages, names, x0, y0),
+            "bytes": codec_bytes(stages, every, x0, y0),
             "machine": provenance.machine(),
         }
-        groups = group_codecs(names)
-        todo = [(g, s) for s in seeds for g in groups]
-        built: dict[str, Group] = {}
+        todo = plan_cells([n for n in every if n in names], seeds, stored["cells"])
+        built: dict[tuple[str, ...], Group] = {}
         init_states = jax.jit(functools.partial(init_stage_states, stages))  # one compilation for all cells
 
-        def cell(i: int, g: str, s: int) -> dict:
+        def cell(i: int, cid: str, g: str, s: int, members: list[str]) -> dict:
             for done in todo[: i - 1]:  # finished and saved: their checkpoints are no longer needed
-                shutil.rmtree(partial_folder(out, cell_id(*done)), ignore_errors=True)
-            if g not in built:
-                built[g] = Group(stages, groups[g], mode, init_states)
-            log = functools.partial(_log, f"[{i}/{len(todo)}] {cell_id(g, s)}")
-            checkpoints = CellCheckpoints(partial_folder(out, cell_id(g, s)), args.checkpoint_every)
-            result = run_cell(built[g], data, config, s, args.max_steps, checkpoints, log)
+                shutil.rmtree(partial_folder(out, done[0]), ignore_errors=True)
+            if tuple(members) not in built:
+                built[tuple(members)] = Group(stages, members, mode, init_states)
+            log = functools.partial(_log, f"[{i}/{len(todo)}] {cid}")
+            checkpoints = CellCheckpoints(partial_folder(out, cid), args.checkpoint_every)
+            result = run_cell(built[tuple(members)], data, config, s, args.max_steps, checkpoints, log)
             accs = ", ".join(f"{m} {r['acc_heads'][-1]:.2f}%" for m, r in result["members"].items())
             log(f"{result['steps']} steps, last head {accs} ({result['seconds']:.1f} s)")
             return {"group": g, **result}
 
-        cells = [(cell_id(g, s), functools.partial(cell, i, g, s)) for i, (g, s) in enumerate(todo, 1)]
+        cells = [(cid, functools.partial(cell, i, cid, g, s, ms)) for i, (cid, g, s, ms) in enumerate(todo, 1)]
+        if stored["cells"]:
+            _print(f"{len(stored['cells'])} cells done already in {path}; {len(todo)} to run")
         try:
-            result = cells_lib.run_grid(path, {"config": ident, "codecs": names}, cells, header, _print, _derive)
+            result = cells_lib.run_grid(path, {"config": ident}, cells, header, _print, _derive)
         except cells_lib.GridError as e:
             raise SweepError(str(e).splitlines()[0]) from None
         except KeyboardInterrupt:

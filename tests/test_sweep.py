@@ -1,6 +1,7 @@
 """``python -m dgl_jax sweep``: a tiny ablation end to end, resuming, interruption and bad input."""
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -77,7 +78,29 @@ def test_rerun_skips_finished_cells(finished, capsys, monkeypatch):
     assert sw.main(tiny_args(out)) == 0
     assert calls == []
     assert json.loads((out / "sweep.json").read_text())["cells"] == before
-    assert capsys.readouterr().out.count("done already") == 4
+    assert "4 cells done already" in capsys.readouterr().out
+
+
+def test_a_rerun_adds_codecs_and_trains_only_the_new_pairs(finished, tmp_path):
+    out = tmp_path / "grown"
+    shutil.copytree(finished[0], out)
+    before = json.loads((out / "sweep.json").read_text())["cells"]
+    assert sw.main(tiny_args(out, "vq-packed:64:4,vq-packed:32:4", "0")) == 0
+    result = json.loads((out / "sweep.json").read_text())
+    assert result["codecs"] == ["vq-packed:16:4", "vq-packed:64:4", "vq-packed:32:4"] and result["seeds"] == [0, 1]
+    assert {k: result["cells"][k]["members"] for k in before} == {k: c["members"] for k, c in before.items()}
+    new = {k: c for k, c in result["cells"].items() if k not in before}
+    assert list(new) == ["d4/seed0+vq-packed:32:4"]
+    added = new["d4/seed0+vq-packed:32:4"]["members"]
+    assert list(added) == ["vq-packed:32:4"]
+    rows = {r["codec"]: r for r in result["summary"]}
+    assert rows["vq-packed:32:4"]["seeds_done"] == [0] and rows["vq-packed:64:4"]["seeds_done"] == [0, 1]
+    assert rows["vq-packed:32:4"]["wire_bytes"] == expected_wire_bytes("vq-packed:32:4")
+    # a member trains the same whatever cell it is in: here with 16:4 in one program, from the start
+    together = tmp_path / "together"
+    assert sw.main(tiny_args(together, "vq-packed:16:4,vq-packed:32:4", "0")) == 0
+    cell = json.loads((together / "sweep.json").read_text())["cells"]["d4/seed0"]["members"]
+    assert cell["vq-packed:32:4"] == added["vq-packed:32:4"]
 
 
 def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypatch):
