@@ -757,7 +757,10 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         except ValueError as e:  # non-finite features (vq_train.check_metrics)
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
             return EXIT_DIVERGED
-        shutil.rmtree(out / PARTIAL, ignore_errors=True)
+        for cid, *_ in todo:  # a cell this run did not plan (e.g. a codec left out of --codecs) keeps its state
+            shutil.rmtree(partial_folder(out, cid), ignore_errors=True)
+        with contextlib.suppress(OSError):
+            (out / PARTIAL).rmdir()  # when empty
         write_atomic(out / "sweep.md", markdown(result))
         plot(result, out / "frontier.png")
         print(f"wrote {out}/sweep.json, sweep.md, frontier.png; best_ratio_at_1pt {result['best_ratio_at_1pt']}")

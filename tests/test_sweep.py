@@ -85,7 +85,10 @@ def test_a_rerun_adds_codecs_and_trains_only_the_new_pairs(finished, tmp_path):
     out = tmp_path / "grown"
     shutil.copytree(finished[0], out)
     before = json.loads((out / "sweep.json").read_text())["cells"]
+    other = out / "partial" / "d8-seed5"  # the state of a cell this run does not plan stays
+    other.mkdir(parents=True)
     assert sw.main(tiny_args(out, "vq-packed:64:4,vq-packed:32:4", "0")) == 0
+    assert other.is_dir() and not (out / "partial" / "d4-seed0+vq-packed:32:4").exists()
     result = json.loads((out / "sweep.json").read_text())
     assert result["codecs"] == ["vq-packed:16:4", "vq-packed:64:4", "vq-packed:32:4"] and result["seeds"] == [0, 1]
     assert {k: result["cells"][k]["members"] for k in before} == {k: c["members"] for k, c in before.items()}
