@@ -1,8 +1,9 @@
 """Synchronous DGL with vector-quantized messages, and jitted sweeps over VQ configurations.
 
-This is the engine of codebook sweeps (``experiments/vq_sweep.py``). A boundary ``j -> j+1`` quantized by a
-:class:`VQConfig` is a boundary codec (:func:`boundary_codec`, a :class:`dgl_jax.codecs.Codec`) whose state,
-kept in the sender's :attr:`StageState.codec <dgl_jax.stage.StageState>`, is a :class:`Boundary`:
+This is the engine of codebook sweeps (``python -m dgl_jax sweep``, :mod:`dgl_jax.sweep`). A boundary
+``j -> j+1`` quantized by a :class:`VQConfig` is a boundary codec (:func:`boundary_codec`, a
+:class:`dgl_jax.codecs.Codec`) whose state, kept in the sender's
+:attr:`StageState.codec <dgl_jax.stage.StageState>`, is a :class:`Boundary`:
 
 * the **sender** (stage j) takes its usual local step (:func:`dgl_jax.steps.local_update`), encodes its
   output with the codebook copy the receiver holds and updates its own EMA k-means state
