@@ -393,6 +393,27 @@ def num_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
     return min(total, max_steps) if max_steps else total
 
 
+def test_accuracy(group: Group, carry: Any, data: Any, batch_size: int, histograms: bool = False) -> tuple:
+    """``(acc, hists)``: the per-head test accuracy ``[members, heads]`` (%) of ``group``'s members in ``carry``
+    and, with ``histograms``, per member its code histograms per boundary (``None`` for the baseline)."""
+    import jax.numpy as jnp
+
+    n_test, eb = len(data.test_labels), batch_size
+    pad = -n_test % eb
+    xte = np.concatenate([data.test_images, np.zeros((pad, *data.test_images.shape[1:]), np.float32)])
+    yte = np.concatenate([data.test_labels, np.full(pad, -1, data.test_labels.dtype)])  # -1: never correct
+    valid = np.arange(len(yte)) < n_test
+    correct, hists = 0, [None] * len(group.members)
+    for i in range(0, len(yte), eb):
+        xb, yb, mb = jnp.asarray(xte[i : i + eb]), jnp.asarray(yte[i : i + eb]), jnp.asarray(valid[i : i + eb])
+        correct = correct + group.evaluate(carry, xb, yb)
+        for m, fn in enumerate(group.hist if histograms else ()):
+            if fn is not None:
+                h = fn(group.sweep.select(carry, m), xb, mb)
+                hists[m] = h if hists[m] is None else [a + b for a, b in zip(hists[m], h, strict=True)]
+    return np.asarray(correct) / n_test * 100, hists
+
+
 def run_cell(
     group: Group,
     data: Any,
@@ -403,10 +424,12 @@ def run_cell(
     log: Any = None,
 ) -> dict:
     """Trains every member of ``group`` from seed ``seed`` (same initial weights and batches for all) and
-    evaluates it on the test split: per member the per-head test accuracy (%), the last step's training
-    loss per head and the code entropy (bits/code, ``None`` for the baseline). With ``checkpoints`` the
-    training state is saved there as it goes and the cell resumes from the newest checkpoint found;
-    ``log(line)`` receives a progress line at the end of every epoch."""
+    evaluates it on the test split: per member the per-head test accuracy (%), its learning curve (the
+    per-head test accuracy after every epoch, ``acc_curve: [epochs][heads]``; the last entry is
+    ``acc_heads``), the last step's training loss per head and the code entropy (bits/code, ``None`` for the
+    baseline). With ``checkpoints`` the training state (and the curve so far) is saved there as it goes and
+    the cell resumes from the newest checkpoint found; ``log(line)`` receives a progress line at the end of
+    every epoch."""
     import jax
     import jax.numpy as jnp
 
@@ -424,18 +447,20 @@ def run_cell(
     states0 = group.init_states(jax.random.fold_in(key, 0), x0)
     carry = group.sweep.init(states0, jax.random.fold_in(key, 1), x0)
     ckpt = Checkpointer(checkpoints.directory, max_to_keep=1) if checkpoints else None
-    start, before = 0, 0.0
+    start, before, curve = 0, 0.0, []
     if ckpt is not None and ckpt.latest_step() is not None:
         ckpt.cleanup()
         carry, meta = ckpt.restore(carry)
-        start, before = int(meta["step"]), float(meta["seconds"])
+        start, before, curve = int(meta["step"]), float(meta["seconds"]), list(meta.get("curve", []))
         if not 0 < start < total:
             raise SweepError(f"{ckpt.directory}: a checkpoint at step {start} of a cell of {total} steps")
         if log:
             log(f"resumed at step {start} of {total} from {ckpt.directory}")
+        if len(curve) < start // per_epoch:  # interrupted at an epoch's end before its evaluation
+            curve.append(test_accuracy(group, carry, data, config.eval_batch_size)[0].tolist())
 
     def save(done: int) -> None:
-        ckpt.save(done, carry, {"step": done, "seconds": before + time.perf_counter() - t0})
+        ckpt.save(done, carry, {"step": done, "seconds": before + time.perf_counter() - t0, "curve": curve})
 
     step_key, metrics, done, saved = jax.random.fold_in(key, 2), None, start, start
     try:
@@ -445,12 +470,19 @@ def run_cell(
             x, y = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
             carry, metrics = group.step(carry, x, y, jax.random.fold_in(step_key, step))
             done = step + 1
+            if done % per_epoch == 0 and done < total:  # the last point is the final evaluation below
+                curve.append(test_accuracy(group, carry, data, config.eval_batch_size)[0].tolist())
             if ckpt is not None and checkpoints.every and done % checkpoints.every == 0 and done < total:
                 save(done)
                 saved = done
             if log and (done % per_epoch == 0 or done == total):
                 rate = (time.perf_counter() - t0) / (done - start)
-                log(f"epoch {-(-done // per_epoch)}/{-(-total // per_epoch)}, step {done}/{total} ({rate:.2f} s/step)")
+                line = (
+                    f"epoch {-(-done // per_epoch)}/{-(-total // per_epoch)}, step {done}/{total} ({rate:.2f} s/step)"
+                )
+                if done < total:
+                    line += ", test last head " + " / ".join(f"{a[-1]:.2f}%" for a in curve[-1])
+                log(line)
     except KeyboardInterrupt:
         if ckpt is not None and saved < done < total:
             with contextlib.suppress(Exception):  # a step interrupted mid-call leaves a donated carry
@@ -458,20 +490,7 @@ def run_cell(
         raise
     vt.check_metrics(jax.tree.map(lambda *a: jnp.stack(a), *metrics))
 
-    n_test, eb = len(data.test_labels), config.eval_batch_size
-    pad = -n_test % eb
-    xte = np.concatenate([data.test_images, np.zeros((pad, *data.test_images.shape[1:]), np.float32)])
-    yte = np.concatenate([data.test_labels, np.full(pad, -1, data.test_labels.dtype)])  # -1: never correct
-    valid = np.arange(len(yte)) < n_test
-    correct, hists = 0, [None] * len(group.members)
-    for i in range(0, len(yte), eb):
-        xb, yb, mb = jnp.asarray(xte[i : i + eb]), jnp.asarray(yte[i : i + eb]), jnp.asarray(valid[i : i + eb])
-        correct = correct + group.evaluate(carry, xb, yb)
-        for m, fn in enumerate(group.hist):
-            if fn is not None:
-                h = fn(group.sweep.select(carry, m), xb, mb)
-                hists[m] = h if hists[m] is None else [a + b for a, b in zip(hists[m], h, strict=True)]
-    acc = np.asarray(correct) / n_test * 100
+    acc, hists = test_accuracy(group, carry, data, config.eval_batch_size, histograms=True)
     members = {}
     for m, name in enumerate(group.members):
         entropy = None
@@ -481,6 +500,7 @@ def run_cell(
             entropy = {"bits_per_code": float(np.dot(per_boundary, counts) / sum(counts)), "boundaries": per_boundary}
         members[name] = {
             "acc_heads": [float(a) for a in acc[m]],
+            "acc_curve": [*(c[m] for c in curve), [float(a) for a in acc[m]]],
             "train_loss_last": [float(v) for v in np.asarray(metrics[m]["loss"])],
             "entropy": entropy,
         }
@@ -536,6 +556,7 @@ def summarize(result: dict) -> list[dict]:
         heads = list(zip(*[r["acc_heads"] for r in runs.values()], strict=True)) if runs else []
         losses = [base[s]["acc_heads"][-1] - r["acc_heads"][-1] for s, r in runs.items() if s in base]
         ent = [r["entropy"]["bits_per_code"] for r in runs.values() if r["entropy"] is not None]
+        curves = {s: [a[-1] for a in r["acc_curve"]] for s, r in runs.items() if "acc_curve" in r}
         rows.append(
             {
                 "codec": name,
@@ -549,6 +570,9 @@ def summarize(result: dict) -> list[dict]:
                 "loss_last_mean": _mean_std(losses)[0],
                 "loss_last_std": _mean_std(losses)[1],
                 "entropy_bits_mean": _mean_std(ent)[0],
+                # the last head's test accuracy after each epoch, mean over the seeds that recorded it
+                "curve_seeds": sorted(curves),
+                "curve_last_head_mean": [_mean_std(e)[0] for e in zip(*curves.values(), strict=True)],
             }
         )
     return rows
@@ -592,6 +616,16 @@ def markdown(result: dict) -> str:
         "last head, paired by seed. Entropy: empirical entropy of the test-set code histogram per group, an "
         "estimate of what entropy coding could reach, not bytes sent.",
     ]
+    curves = [r for r in result["summary"] if r.get("curve_last_head_mean")]
+    if curves:
+        lines += [
+            "",
+            "Learning curves: the last head's test accuracy after each epoch (mean over the seeds named).",
+            "",
+        ]
+        for r in curves:
+            points = " ".join(f"{a:.2f}" for a in r["curve_last_head_mean"])
+            lines.append(f"- {r['codec']} (seeds {r['curve_seeds']}): {points}")
     return "\n".join(lines) + "\n"
 
 

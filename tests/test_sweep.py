@@ -246,3 +246,33 @@ def test_codec_options_reach_the_swept_quantizer():
     assert (cfg.init, cfg.decay, cfg.restart_threshold, packed) == ("kmeans++", 0.9, 0.0, True)
     assert cfg.codec(packed).name == name  # bytes are measured on the same codec
     assert sw.group_of(name) == "d4:init=kmeans++:decay=0.9:restart=0" != sw.group_of("vq-packed:16:4")
+
+
+def test_the_learning_curve_is_recorded_every_epoch_and_survives_a_resume(tmp_path, capsys, monkeypatch):
+    two_epochs = ["--train-subset", "128", "--max-steps", "0", "--epochs", "2"]  # 2 steps per epoch
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    assert sw.main([*tiny_args(whole, seeds="0"), *two_epochs]) == 0
+    assert "epoch 1/2, step 2/4" in capsys.readouterr().out  # with the test accuracy after epoch 1
+    real = sw._batches
+
+    def interrupted(n, batch_size, seed, epochs, max_steps):
+        for step, idx in real(n, batch_size, seed, epochs, max_steps):
+            if step == 3 and max_steps == 4:  # the float32 cell, in its second epoch
+                raise KeyboardInterrupt
+            yield step, idx
+
+    monkeypatch.setattr(sw, "_batches", interrupted)
+    assert sw.main([*tiny_args(part, seeds="0"), *two_epochs, "--checkpoint-every", "0"]) == 130
+    monkeypatch.setattr(sw, "_batches", real)
+    assert sw.main([*tiny_args(part, seeds="0"), *two_epochs]) == 0
+    a = json.loads((whole / "sweep.json").read_text())["cells"]
+    b = json.loads((part / "sweep.json").read_text())["cells"]
+    assert b["float32/seed0"]["resumed_at_step"] == 3
+    for cid in a:
+        for name, r in a[cid]["members"].items():
+            assert len(r["acc_curve"]) == 2 and r["acc_curve"][-1] == r["acc_heads"]
+            assert b[cid]["members"][name] == r  # the curve saved with the checkpoint, then the rest: exact
+    rows = {r["codec"]: r for r in json.loads((part / "sweep.json").read_text())["summary"]}
+    base = a["float32/seed0"]["members"]["float32"]["acc_curve"]
+    assert rows["float32"]["curve_last_head_mean"] == [e[-1] for e in base] and rows["float32"]["curve_seeds"] == [0]
+    assert "- float32 (seeds [0]): " in (part / "sweep.md").read_text()
