@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "numpy", "ray")
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ("experiments/results", "benchmarks/results")
+"""The folders the measurements write into: what they hold is output, not code, so it does not make a tree dirty."""
 
 
-def _git(*args: str) -> str | None:
+def _git(*args: str, root: Path = ROOT) -> str | None:
     try:
-        root = Path(__file__).resolve().parents[1]
         out = subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=root, timeout=10)
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError, subprocess.TimeoutExpired):
@@ -31,10 +33,12 @@ def git_sha() -> str | None:
     return _git("rev-parse", "HEAD") or None
 
 
-def git_dirty() -> bool | None:
-    """Whether tracked files of that checkout differ from ``HEAD`` (``None`` outside a checkout): a figure
-    measured on a dirty tree is not exactly reproducible from :func:`git_sha`."""
-    out = _git("status", "--porcelain", "--untracked-files=no")
+def git_dirty(root: Path = ROOT) -> bool | None:
+    """Whether tracked files of the checkout at ``root`` (default: this package's) other than those under
+    :data:`RESULTS` differ from ``HEAD`` (``None`` outside a checkout): a figure measured on a dirty tree is
+    not exactly reproducible from :func:`git_sha`. A results file a resumed run is filling does not count."""
+    excluded = [f":(exclude){p}" for p in RESULTS]
+    out = _git("status", "--porcelain", "--untracked-files=no", "--", ".", *excluded, root=root)
     return None if out is None else bool(out)
 
 

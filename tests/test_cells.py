@@ -88,3 +88,23 @@ def test_mean_std_over_seeds():
     mean, std = cells.mean_std([93.0])
     assert (float(mean), float(std)) == (93.0, 0.0)
     assert all(np.isnan(v) for v in cells.mean_std([]))
+
+
+def test_a_results_file_being_filled_does_not_make_the_tree_dirty(tmp_path):
+    import subprocess
+
+    def git(*args):
+        subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=tmp_path, check=True,
+                       capture_output=True)  # fmt: skip
+
+    (tmp_path / "experiments" / "results").mkdir(parents=True)
+    (tmp_path / "experiments" / "results" / "grid.json").write_text("{}")
+    (tmp_path / "code.py").write_text("x = 1\n")
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-qm", "x")
+    assert provenance.git_dirty(tmp_path) is False
+    (tmp_path / "experiments" / "results" / "grid.json").write_text('{"cells": {}}')
+    assert provenance.git_dirty(tmp_path) is False
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert provenance.git_dirty(tmp_path) is True
