@@ -47,15 +47,18 @@ def test_stage_parallel_trainer_equals_one_device(small, one_device, kw):
 
 @pytest.mark.parametrize("executor", ["spmd", "threads"])
 def test_stage_groups_of_several_stages_equal_one_device(small, one_device, executor):
-    # 3 stages in 2 groups ([0, 0, 1]): stages 1 and 2 share a device, only the wire between groups crosses.
-    # One chunk (4 steps): fused in one program, the group's stages round differently, and on digits the
-    # BatchNorm of nearly constant channels amplifies that over an epoch.
-    trainer = Trainer(dataclasses.replace(BASE, devices=2, parallel="stages", stage_groups=2, executor=executor),
+    # 3 stages in 2 groups ([0, 0, 1]): stages 0 and 1 share a device, only the wire between groups crosses.
+    # One step: fused in one program, the group's stages round differently (1e-7), and on digits a second step
+    # can already amplify that 1000-fold (measured on an AMD EPYC: 2e-4 after 2 steps; max-pool ties and the
+    # BatchNorm of nearly constant channels), so the states are compared after the step that shows the contract.
+    config = dataclasses.replace(BASE, chunk_steps=1)
+    trainer = Trainer(dataclasses.replace(config, devices=2, parallel="stages", stage_groups=2, executor=executor),
                       dataset=small, log=lambda s: None)  # fmt: skip
     state = run_until(trainer, trainer.init_state(), stop_after_chunks=1)
-    ref = run_until(one_device[0], one_device[0].init_state(), stop_after_chunks=1)
+    one = Trainer(config, dataset=small, log=lambda s: None)
+    ref = run_until(one, one.init_state(), stop_after_chunks=1)
     assert trainer.layout.stage_group(3) == [0, 0, 1]
-    chex.assert_trees_all_close(jax.device_get(state.stages), jax.device_get(ref.stages), rtol=1e-4, atol=1e-5)
+    chex.assert_trees_all_close(jax.device_get(state.stages), jax.device_get(ref.stages), rtol=1e-5, atol=1e-6)
     w, wire_bytes = trainer.wire_bytes, _boundary_bytes(trainer)
     extra = 8 + 1 if executor == "spmd" else 0  # SPMD sends the batch's key data (uint32[2]) and valid flag too
     assert w["measured"] == w["accounted"] == wire_bytes[1] + extra  # boundary 0 stays inside group 0
