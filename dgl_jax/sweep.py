@@ -782,8 +782,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
             raise SweepError(str(e).splitlines()[0]) from None
         except KeyboardInterrupt:
             print(
-                f"interrupted: finished cells saved in {path}, the running one's state in {out / PARTIAL}; "
-                "re-run the same command to resume",
+                f"the running cell's checkpoints are in {out / PARTIAL}: it resumes from them",
                 file=sys.stderr,
                 flush=True,
             )

@@ -235,7 +235,7 @@ def test_sigterm_under_the_cli_saves_the_running_cell_and_exits_143(tmp_path, ca
     args = ["sweep", *tiny_args(tmp_path, codecs="vq-packed:16:4", seeds="0"), "--checkpoint-every", "0"]
     assert cli_main(args) == 143
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the running one's state in" in err[0]
+    assert len(err) == 1 and "the running cell's checkpoints are in" in err[0]
     saved = sorted(p.name for p in (tmp_path / "partial" / "float32-seed0").iterdir())
     assert saved == ["2"]  # the state after the 2 steps done when the signal came
 
