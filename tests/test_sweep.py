@@ -117,10 +117,40 @@ def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypa
 
     monkeypatch.setattr(sw, "run_cell", run_cell)
     assert sw.main(tiny_args(tmp_path)) == 130
-    err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "re-run the same command" in err[0]
-    cells = json.loads((tmp_path / "sweep.json").read_text())["cells"]
-    assert sorted(cells) == ["d4/seed0", "float32/seed0"]
+    printed = capsys.readouterr()
+    err = printed.err.strip().splitlines()
+    assert len(err) == 1 and "the running cell's checkpoints are in" in err[0]
+    assert "interrupted: 2 of 4 cells saved" in printed.out and "re-run the same command" in printed.out
+    result = json.loads((tmp_path / "sweep.json").read_text())
+    assert sorted(result["cells"]) == ["d4/seed0", "float32/seed0"]
+    # the tables follow the finished cells, and no codec counts before all its seeds are done
+    md = (tmp_path / "sweep.md").read_text()
+    assert (
+        "| vq-packed:16:4 |" in md
+        and "| 4864 | 0 | 10.00 ± 0.00 / 20.00 ± 0.00 |" in md
+        and (tmp_path / "frontier.png").is_file()
+    )
+    assert result["best_ratio_at_1pt"] is None and "over every seed: none" in md
+
+
+def test_best_ratio_counts_only_codecs_with_every_seed():
+    row = lambda codec, seeds, ratio, loss: {  # noqa: E731
+        "codec": codec,
+        "seeds_done": seeds,
+        "ratio": ratio,
+        "loss_last_mean": loss,
+    }
+    base = row("float32", [0, 1, 2], 1.0, None)
+    rows = [base, row("a", [0, 1, 2], 40.0, 0.9), row("b", [0, 1], 60.0, 0.2), row("c", [0, 1, 2], 70.0, 1.2)]
+    assert sw.best_ratio_at_1pt(rows, [0, 1, 2]) == 40.0
+    assert sw.best_ratio_at_1pt(rows, [0, 1]) is None  # only "b" is complete for [0, 1], and "a" or "c" are not
+    assert sw.best_ratio_at_1pt([row("float32", [0], 1.0, None), *rows[1:]], [0, 1, 2]) is None  # baseline short
+
+
+def test_the_recorded_command_reproduces_every_codec_and_seed_the_folder_holds():
+    argv = ["--codecs", "vq-packed:16:4", "--epochs", "2", "--seeds=1", "--out", "o"]
+    got = sw._command(argv, ["vq-packed:64:4", "vq-packed:16:4"], [0, 1])
+    assert got == "python -m dgl_jax sweep --codecs vq-packed:64:4,vq-packed:16:4 --seeds 0,1 --epochs 2 --out o"
 
 
 def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, monkeypatch):
@@ -141,7 +171,7 @@ def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, m
     args = tiny_args(tmp_path, seeds="0")
     monkeypatch.setattr(sw, "_batches", interrupt_at_step_2_of_call(1))  # float32 cell, at step 2
     assert sw.main([*args, "--checkpoint-every", "0"]) == 130
-    assert "state in" in capsys.readouterr().err
+    assert "checkpoints are in" in capsys.readouterr().err
     assert (tmp_path / "partial" / "float32-seed0").is_dir()
     calls.clear()
     monkeypatch.setattr(sw, "_batches", interrupt_at_step_2_of_call(2))  # float32 resumes; d4 stops at step 2
