@@ -79,14 +79,17 @@ def run_grid(
     """Runs every cell of ``cells`` (``(cell_id, fn)``; ``fn()`` returns the cell's JSON-able result) that
     ``path`` does not hold yet, writing the grid after each one; returns the grid.
 
-    ``header`` is merged into the grid's top level (e.g. ``seeds``, ``command``); ``derive(grid)``, called
-    before each write, refreshes what the grid derives from its cells (a summary). On ``KeyboardInterrupt``
-    the cell in flight is lost (unless it checkpoints itself), the others are kept, one line says how to
-    resume, and the interrupt propagates.
+    ``header`` is merged into the grid's top level (e.g. ``seeds``, ``command``) and written at once when the
+    grid holds cells already; ``derive(grid)``, called before each write, refreshes what the grid derives
+    from its cells (a summary). On ``KeyboardInterrupt`` the cell in flight is lost (unless it checkpoints
+    itself), the others are kept, one line says how to resume, and the interrupt propagates.
     """
     path = Path(path)
     grid = open_grid(path, ident)
     grid.update(header or {})
+    if grid["cells"]:  # the header and derived fields of this run, before its first cell
+        _stamp(grid, derive)
+        write_json(path, grid)
     machine, sha, dirty = None, None, None
     done = lambda: sum(cid in grid["cells"] for cid, _ in cells)  # noqa: E731
     try:

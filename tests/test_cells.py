@@ -49,6 +49,22 @@ def test_interrupt_keeps_the_finished_cells(tmp_path):
     assert "1 of 3 cells saved" in lines[-1] and "re-run" in lines[-1]
 
 
+def test_a_rerun_writes_its_header_and_derived_fields_before_its_first_cell(tmp_path):
+    path = tmp_path / "grid.json"
+    cells.run_grid(path, {}, [_cell([], "a", 1)], {"command": "first"})
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    def derive(grid):
+        grid["total"] = sum(c["value"] for c in grid["cells"].values())
+
+    with pytest.raises(KeyboardInterrupt):
+        cells.run_grid(path, {}, [("b", interrupted)], {"command": "second"}, log=lambda _: None, derive=derive)
+    stored = json.loads(path.read_text())
+    assert stored["command"] == "second" and stored["total"] == 1 and list(stored["cells"]) == ["a"]
+
+
 def test_a_grid_of_another_configuration_is_refused(tmp_path):
     path = tmp_path / "grid.json"
     cells.run_grid(path, {"epochs": 3}, [_cell([], "a", 1)])
