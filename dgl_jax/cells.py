@@ -75,21 +75,30 @@ def run_grid(
     header: Mapping[str, Any] | None = None,
     log: Callable[[str], None] = print,
     derive: Callable[[dict], None] | None = None,
+    written: Callable[[dict], None] | None = None,
 ) -> dict:
     """Runs every cell of ``cells`` (``(cell_id, fn)``; ``fn()`` returns the cell's JSON-able result) that
     ``path`` does not hold yet, writing the grid after each one; returns the grid.
 
     ``header`` is merged into the grid's top level (e.g. ``seeds``, ``command``) and written at once when the
     grid holds cells already; ``derive(grid)``, called before each write, refreshes what the grid derives
-    from its cells (a summary). On ``KeyboardInterrupt`` the cell in flight is lost (unless it checkpoints
-    itself), the others are kept, one line says how to resume, and the interrupt propagates.
+    from its cells (a summary); ``written(grid)``, called after each write, renders what follows the file
+    (tables, plots: an error there loses no cell). On ``KeyboardInterrupt`` the cell in flight is lost
+    (unless it checkpoints itself), the others are kept, one line says how to resume, and the interrupt
+    propagates.
     """
     path = Path(path)
     grid = open_grid(path, ident)
     grid.update(header or {})
-    if grid["cells"]:  # the header and derived fields of this run, before its first cell
+
+    def write() -> None:
         _stamp(grid, derive)
         write_json(path, grid)
+        if written is not None:
+            written(grid)
+
+    if grid["cells"]:  # the header and derived fields of this run, before its first cell
+        write()
     machine, sha, dirty = None, None, None
     done = lambda: sum(cid in grid["cells"] for cid, _ in cells)  # noqa: E731
     try:
@@ -109,14 +118,14 @@ def run_grid(
                 "git_dirty": dirty,
                 "machine": machine,
             }
-            _stamp(grid, derive)
-            write_json(path, grid)
+            write()
     except KeyboardInterrupt:
         log(f"interrupted: {done()} of {len(cells)} cells saved in {path}; re-run the same command to resume")
         raise
-    _stamp(grid, derive)
     if grid["cells"] or not path.exists():
-        write_json(path, grid)
+        write()
+    else:
+        _stamp(grid, derive)
     return grid
 
 

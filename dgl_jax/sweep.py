@@ -6,13 +6,16 @@ For each seed, the unquantized DGL baseline and every codec (applied to every st
 from the same initial weights on the same batches; codecs with the same group layout (code dim ``d`` or
 groups ``G``) form one *group*, trained by one compiled program (:func:`dgl_jax.vq_train.make_sweep`: one
 ``vmap`` over members padded to the group's largest codebook, or one call per member inside the same
-program, ``--mode``). A *cell* is one group x one seed. Run folder::
+program, ``--mode``). A *cell* is one group x one seed (or, when codecs are added to a group whose cell is
+done, those codecs x one seed). Run folder::
 
-    sweep.json   git sha, command, seeds, codecs, config, machine and versions, bytes per codec, every
-                 finished cell (written as soon as it finishes, with the git sha and machine it ran on),
-                 the summary and best_ratio_at_1pt
-    sweep.md     per codec: bytes per step, ratio vs float32, replay-buffer bytes, per-head accuracy
-                 mean +- std over seeds, last-head loss vs the baseline, empirical entropy of the codes
+    sweep.json   git sha, the command that reproduces the whole table, seeds, codecs, config, machine and
+                 versions, bytes per codec, every finished cell (written as soon as it finishes, with the git
+                 sha and machine it ran on; per member the per-head test accuracy, its learning curve after
+                 every epoch, the code entropy), the summary and best_ratio_at_1pt (over every seed)
+    sweep.md     per codec: bytes per step, ratio vs float32, replay-buffer bytes, seeds done, per-head
+                 accuracy mean +- std over seeds, last-head loss vs the baseline, empirical entropy of the
+                 codes; the last head's learning curves
     frontier.png traffic reduction (log x) vs last-head accuracy loss (y), one point per codec
 
 Bytes are the ``nbytes`` of the wires a deployed boundary sends (:mod:`dgl_jax.accounting` on the stages
@@ -20,13 +23,15 @@ carrying the codec: packed codes plus the float32 codebook on every send), never
 entropy column is a separate figure: what entropy coding of the codes could reach.
 
     partial/     the running cell's newest checkpoint (every ``--checkpoint-every`` steps and on Ctrl-C),
-                 removed when the cell finishes
+                 removed once the cell is saved (when the next cell starts, or at the end of the run); a cell
+                 this run does not plan keeps its own
 
 Re-running the same command skips the finished cells and resumes the running one from its checkpoint,
 bit-identical to an uninterrupted run. A re-run may add codecs or seeds: only the new (codec, seed) pairs
 train (a codec added to a finished group gets a cell of its own, ``d8/seed0+vq-packed:128:8``; every member
-trains from its seed's initial weights and batches whatever cell it is in) and the table holds them all. A
-different train config in an existing folder is refused.
+trains from its seed's initial weights and batches whatever cell it is in; in ``--mode loop``, the CPU default,
+its figures are bitwise those it would have had in company, while ``vmap`` pads codebooks to the group's
+largest) and the table holds them all. A different train config in an existing folder is refused.
 Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells and the running cell's state stay, exit 130.
 """
 
@@ -112,7 +117,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Adds the ``sweep`` subparser to an argparse ``subparsers`` object and returns it."""
-    p = subparsers.add_parser("sweep", help="jitted VQ ablation: DGL baseline + codecs x seeds into a run folder")
+    p = subparsers.add_parser(
+        "sweep", help="jitted VQ ablation: DGL baseline + codecs x seeds into a run folder", allow_abbrev=False
+    )
     add_arguments(p)
     p.set_defaults(func=run_sweep)
     return p
@@ -387,6 +394,23 @@ class CellCheckpoints(NamedTuple):
     every: int
 
 
+def _restore(ckpt: Any, carry: Any, members: Sequence[str]) -> tuple[Any, dict]:
+    """The newest checkpoint in ``ckpt`` restored into ``carry``'s structure, with its metadata; ``SweepError``
+    (one line) when it was saved by a cell of other members (a re-run with other codecs in the same group) or
+    does not fit. A checkpoint that does not name its members is taken as is."""
+    from dgl_jax.checkpoint import CheckpointError
+
+    fix = f"re-run with the codecs it was saved with, or delete {ckpt.directory} to start the cell afresh"
+    try:
+        carry, meta = ckpt.restore(carry)
+    except CheckpointError as e:
+        raise SweepError(f"{str(e).splitlines()[0]}; {fix}") from None
+    saved = meta.get("members")
+    if saved is not None and list(saved) != list(members):
+        raise SweepError(f"{ckpt.directory} holds the running cell of {','.join(saved)}; {fix}")
+    return carry, meta
+
+
 def num_steps(n: int, batch_size: int, epochs: int, max_steps: int) -> int:
     """Training steps of one cell: ``epochs`` x full batches per epoch, at most ``max_steps`` (0: all)."""
     total = epochs * (n // batch_size)
@@ -447,20 +471,22 @@ def run_cell(
     states0 = group.init_states(jax.random.fold_in(key, 0), x0)
     carry = group.sweep.init(states0, jax.random.fold_in(key, 1), x0)
     ckpt = Checkpointer(checkpoints.directory, max_to_keep=1) if checkpoints else None
-    start, before, curve = 0, 0.0, []
+    start, before, curve = 0, 0.0, []  # curve None: not recorded (resumed from a checkpoint saved without it)
     if ckpt is not None and ckpt.latest_step() is not None:
         ckpt.cleanup()
-        carry, meta = ckpt.restore(carry)
-        start, before, curve = int(meta["step"]), float(meta["seconds"]), list(meta.get("curve", []))
+        carry, meta = _restore(ckpt, carry, group.members)
+        start, before, curve = int(meta["step"]), float(meta["seconds"]), meta.get("curve")
         if not 0 < start < total:
             raise SweepError(f"{ckpt.directory}: a checkpoint at step {start} of a cell of {total} steps")
         if log:
             log(f"resumed at step {start} of {total} from {ckpt.directory}")
-        if len(curve) < start // per_epoch:  # interrupted at an epoch's end before its evaluation
+        if curve is not None and start % per_epoch == 0 and len(curve) < start // per_epoch:
+            # interrupted at an epoch's end before its evaluation
             curve.append(test_accuracy(group, carry, data, config.eval_batch_size)[0].tolist())
 
     def save(done: int) -> None:
-        ckpt.save(done, carry, {"step": done, "seconds": before + time.perf_counter() - t0, "curve": curve})
+        meta = {"step": done, "seconds": before + time.perf_counter() - t0, "members": list(group.members)}
+        ckpt.save(done, carry, {**meta, "curve": curve})
 
     step_key, metrics, done, saved = jax.random.fold_in(key, 2), None, start, start
     try:
@@ -470,7 +496,7 @@ def run_cell(
             x, y = jnp.asarray(images[idx]), jnp.asarray(labels[idx])
             carry, metrics = group.step(carry, x, y, jax.random.fold_in(step_key, step))
             done = step + 1
-            if done % per_epoch == 0 and done < total:  # the last point is the final evaluation below
+            if curve is not None and done % per_epoch == 0 and done < total:  # the last point: the final evaluation
                 curve.append(test_accuracy(group, carry, data, config.eval_batch_size)[0].tolist())
             if ckpt is not None and checkpoints.every and done % checkpoints.every == 0 and done < total:
                 save(done)
@@ -480,7 +506,7 @@ def run_cell(
                 line = (
                     f"epoch {-(-done // per_epoch)}/{-(-total // per_epoch)}, step {done}/{total} ({rate:.2f} s/step)"
                 )
-                if done < total:
+                if done < total and curve:
                     line += ", test last head " + " / ".join(f"{a[-1]:.2f}%" for a in curve[-1])
                 log(line)
     except KeyboardInterrupt:
@@ -500,10 +526,11 @@ def run_cell(
             entropy = {"bits_per_code": float(np.dot(per_boundary, counts) / sum(counts)), "boundaries": per_boundary}
         members[name] = {
             "acc_heads": [float(a) for a in acc[m]],
-            "acc_curve": [*(c[m] for c in curve), [float(a) for a in acc[m]]],
             "train_loss_last": [float(v) for v in np.asarray(metrics[m]["loss"])],
             "entropy": entropy,
         }
+        if curve is not None:
+            members[name]["acc_curve"] = [*(c[m] for c in curve), [float(a) for a in acc[m]]]
     out = {"seed": seed, "steps": done, "seconds": before + time.perf_counter() - t0, "members": members}
     return {**out, "resumed_at_step": start} if start else out
 
@@ -557,6 +584,8 @@ def summarize(result: dict) -> list[dict]:
         losses = [base[s]["acc_heads"][-1] - r["acc_heads"][-1] for s, r in runs.items() if s in base]
         ent = [r["entropy"]["bits_per_code"] for r in runs.values() if r["entropy"] is not None]
         curves = {s: [a[-1] for a in r["acc_curve"]] for s, r in runs.items() if "acc_curve" in r}
+        longest = max(map(len, curves.values()), default=0)  # a cell resumed from an older checkpoint may lack
+        curves = {s: c for s, c in curves.items() if len(c) == longest}  # epochs: only full curves are averaged
         rows.append(
             {
                 "codec": name,
@@ -585,7 +614,7 @@ def best_ratio_at_1pt(rows: Sequence[dict], seeds: Sequence[int]) -> float | Non
     if not rows or rows[0]["seeds_done"] != full:
         return None
     done = [r for r in rows[1:] if r["seeds_done"] == full]
-    ok = [r["ratio"] for r in done if r["loss_last_mean"] <= 1.0]
+    ok = [r["ratio"] for r in done if r["loss_last_mean"] is not None and r["loss_last_mean"] <= 1.0]
     return max(ok) if ok else None
 
 
@@ -680,6 +709,20 @@ def _log(prefix: str, line: str) -> None:
     print(f"{prefix}: {line}", flush=True)
 
 
+def _drop_stored_codecs(path: Path) -> None:
+    """Folders written before a re-run could add codecs kept the codecs in the grid's identity: they are
+    rewritten with the train config alone as identity, so that such a folder grows like any other."""
+    from dgl_jax.files import write_json
+
+    try:
+        stored = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or unreadable: open_grid reports it
+        return
+    if isinstance(stored.get("ident"), dict) and "codecs" in stored["ident"]:
+        del stored["ident"]["codecs"]
+        write_json(path, stored)
+
+
 def _derive(result: dict) -> None:
     result["summary"] = summarize(result)
     result["best_ratio_at_1pt"] = best_ratio_at_1pt(result["summary"], result["seeds"])
@@ -731,6 +774,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
     import jax
     import jax.numpy as jnp
 
+    from dgl_jax import vq
     from dgl_jax.data import load_dataset
     from dgl_jax.files import FolderLock, FolderLockedError, write_atomic
     from dgl_jax.stage import init_stage_states
@@ -760,6 +804,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         raise SweepError(str(e).splitlines()[0]) from None
     try:
         path = out / "sweep.json"
+        _drop_stored_codecs(path)
         try:
             stored = cells_lib.open_grid(path, {"config": ident})
         except cells_lib.GridError as e:
@@ -780,8 +825,7 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
             "machine": provenance.machine(),
         }
 
-        def derive(result: dict) -> None:  # the tables follow the JSON cell by cell
-            _derive(result)
+        def tables(result: dict) -> None:  # the tables follow the JSON cell by cell
             if result["cells"]:
                 write_atomic(out / "sweep.md", markdown(result))
                 plot(result, out / "frontier.png")
@@ -806,17 +850,19 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         if stored["cells"]:
             _print(f"{len(stored['cells'])} cells done already in {path}; {len(todo)} to run")
         try:
-            result = cells_lib.run_grid(path, {"config": ident}, cells, header, _print, derive)
+            result = cells_lib.run_grid(path, {"config": ident}, cells, header, _print, _derive, tables)
         except cells_lib.GridError as e:
             raise SweepError(str(e).splitlines()[0]) from None
         except KeyboardInterrupt:
-            print(
-                f"the running cell's checkpoints are in {out / PARTIAL}: it resumes from them",
-                file=sys.stderr,
-                flush=True,
+            saved = any(p.is_dir() and any(p.iterdir()) for p in (out / PARTIAL).glob("*"))
+            line = (
+                f"the running cell resumes from its checkpoint in {out / PARTIAL}"
+                if saved
+                else "the running cell had saved no checkpoint: a re-run starts it afresh"
             )
+            print(line, file=sys.stderr, flush=True)
             return EXIT_INTERRUPTED
-        except ValueError as e:  # non-finite features (vq_train.check_metrics)
+        except vq.NonFiniteError as e:  # training diverged (vq_train.check_metrics)
             print(f"error: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
             return EXIT_DIVERGED
         for cid, *_ in todo:  # a cell this run did not plan (e.g. a codec left out of --codecs) keeps its state
@@ -836,7 +882,7 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv: list[str] | None = None) -> int:
     """Standalone entry point (``python -m dgl_jax sweep ...``): returns the exit code."""
-    p = _Parser(prog="python -m dgl_jax sweep", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m dgl_jax sweep", description=__doc__.splitlines()[0], allow_abbrev=False)
     add_arguments(p)
     try:
         args = p.parse_args(argv)

@@ -35,6 +35,10 @@ import jax.numpy as jnp
 import numpy as np
 
 
+class NonFiniteError(ValueError):
+    """Features to quantize hold NaN or inf (training diverged): there is nothing to encode."""
+
+
 class VQState(NamedTuple):
     """State of a grouped quantizer (``G`` groups, ``K`` = max codes, ``d`` = code dim).
 
@@ -149,13 +153,13 @@ def _flatten(state: VQState, x: jax.Array, stage: str | int | None = None) -> ja
 
 
 def check_finite(x: jax.Array, stage: str | int | None = None) -> None:
-    """Raises ``ValueError`` naming ``stage`` if the concrete array ``x`` holds NaN or inf; does nothing on
+    """Raises :class:`NonFiniteError` naming ``stage`` if the concrete array ``x`` holds NaN or inf; does nothing on
     tracers (inside ``jit`` use the ``nonfinite`` metric of :mod:`dgl_jax.vq_train` instead)."""
     if isinstance(x, jax.core.Tracer):
         return
     if not np.all(np.isfinite(np.asarray(x, np.float32))):
         where = "" if stage is None else f" at the output of stage {stage}"
-        raise ValueError(f"non-finite (NaN or inf) features{where}: cannot quantize them")
+        raise NonFiniteError(f"non-finite (NaN or inf) features{where}: cannot quantize them")
 
 
 def init_from_data(

@@ -292,13 +292,13 @@ def vq_dgl_step(
 
 
 def check_metrics(metrics: Metrics) -> None:
-    """Host-side check: raises ``ValueError`` naming the first stage (0-based) whose output was non-finite.
-    Works on the metrics of one step or of a sweep/scan (any leading axes)."""
+    """Host-side check: raises :class:`dgl_jax.vq.NonFiniteError` naming the first stage (0-based) whose output
+    was non-finite. Works on the metrics of one step or of a sweep/scan (any leading axes)."""
     bad = jnp.asarray(metrics["nonfinite"])
     bad = bad.reshape(-1, bad.shape[-1]).any(0)
     if bool(bad.any()):
         j = int(jnp.argmax(bad))
-        raise ValueError(f"non-finite (NaN or inf) features at the output of stage {j}: cannot quantize them")
+        raise vq.NonFiniteError(f"non-finite (NaN or inf) features at the output of stage {j}: cannot quantize them")
 
 
 # ----------------------------------------------------------------------------------------------------------

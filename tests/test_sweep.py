@@ -81,6 +81,18 @@ def test_rerun_skips_finished_cells(finished, capsys, monkeypatch):
     assert "4 cells done already" in capsys.readouterr().out
 
 
+def test_a_folder_whose_identity_held_its_codecs_grows_like_any_other(finished, tmp_path, capsys):
+    out = tmp_path / "old"
+    shutil.copytree(finished[0], out)
+    stored = json.loads((out / "sweep.json").read_text())
+    stored["ident"]["codecs"] = stored["codecs"]  # as folders were written before re-runs could add codecs
+    (out / "sweep.json").write_text(json.dumps(stored))
+    capsys.readouterr()
+    assert sw.main(tiny_args(out)) == 0
+    assert "4 cells done already" in capsys.readouterr().out
+    assert json.loads((out / "sweep.json").read_text())["ident"] == {"config": stored["ident"]["config"]}
+
+
 def test_a_rerun_adds_codecs_and_trains_only_the_new_pairs(finished, tmp_path):
     out = tmp_path / "grown"
     shutil.copytree(finished[0], out)
@@ -119,7 +131,7 @@ def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypa
     assert sw.main(tiny_args(tmp_path)) == 130
     printed = capsys.readouterr()
     err = printed.err.strip().splitlines()
-    assert len(err) == 1 and "the running cell's checkpoints are in" in err[0]
+    assert len(err) == 1 and "the running cell had saved no checkpoint" in err[0]
     assert "interrupted: 2 of 4 cells saved" in printed.out and "re-run the same command" in printed.out
     result = json.loads((tmp_path / "sweep.json").read_text())
     assert sorted(result["cells"]) == ["d4/seed0", "float32/seed0"]
@@ -143,7 +155,9 @@ def test_best_ratio_counts_only_codecs_with_every_seed():
     base = row("float32", [0, 1, 2], 1.0, None)
     rows = [base, row("a", [0, 1, 2], 40.0, 0.9), row("b", [0, 1], 60.0, 0.2), row("c", [0, 1, 2], 70.0, 1.2)]
     assert sw.best_ratio_at_1pt(rows, [0, 1, 2]) == 40.0
-    assert sw.best_ratio_at_1pt(rows, [0, 1]) is None  # only "b" is complete for [0, 1], and "a" or "c" are not
+    assert sw.best_ratio_at_1pt(rows, [0, 1]) is None  # the baseline has a third seed the grid does not name
+    two = [row("float32", [0, 1], 1.0, None), *rows[1:]]
+    assert sw.best_ratio_at_1pt(two, [0, 1]) == 60.0  # "b" is done on both seeds, "a" and "c" have another
     assert sw.best_ratio_at_1pt([row("float32", [0], 1.0, None), *rows[1:]], [0, 1, 2]) is None  # baseline short
 
 
@@ -171,7 +185,7 @@ def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, m
     args = tiny_args(tmp_path, seeds="0")
     monkeypatch.setattr(sw, "_batches", interrupt_at_step_2_of_call(1))  # float32 cell, at step 2
     assert sw.main([*args, "--checkpoint-every", "0"]) == 130
-    assert "checkpoints are in" in capsys.readouterr().err
+    assert "resumes from its checkpoint in" in capsys.readouterr().err
     assert (tmp_path / "partial" / "float32-seed0").is_dir()
     calls.clear()
     monkeypatch.setattr(sw, "_batches", interrupt_at_step_2_of_call(2))  # float32 resumes; d4 stops at step 2
@@ -180,6 +194,10 @@ def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, m
     assert "float32/seed0: resumed at step 2 of 3" in out
     assert not (tmp_path / "partial" / "float32-seed0").exists()  # removed once the cell is saved
     monkeypatch.setattr(sw, "_batches", real)
+    # the d4 checkpoint is not restored into a cell of other members: one line, exit 2
+    assert sw.main(tiny_args(tmp_path, "vq:16:4,vq-packed:64:4", "0")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "re-run with the codecs it was saved with, or delete" in err[0]
     assert sw.main(args) == 0
     assert "d4/seed0: resumed at step 2 of 3" in capsys.readouterr().out
     assert not (tmp_path / "partial").exists()  # every cell finished: no checkpoint left
@@ -188,6 +206,18 @@ def test_an_interrupted_cell_resumes_bit_identical(finished, tmp_path, capsys, m
     for cid in ("float32/seed0", "d4/seed0"):
         assert resumed[cid]["resumed_at_step"] == 2 and "resumed_at_step" not in whole[cid]
         assert resumed[cid]["members"] == whole[cid]["members"]  # accuracy, last losses, code entropy: exact
+
+
+def test_a_checkpoint_that_names_other_members_is_refused_even_when_its_shapes_fit():
+    class Saved:
+        directory = "partial/d4-seed0"
+
+        def restore(self, carry):
+            return carry, {"members": ["vq-packed:16:4", "vq-packed:64:4"]}
+
+    assert sw._restore(Saved(), "carry", ["vq-packed:16:4", "vq-packed:64:4"]) == ("carry", Saved().restore(0)[1])
+    with pytest.raises(sw.SweepError, match="holds the running cell of vq-packed:16:4,vq-packed:64:4; re-run"):
+        sw._restore(Saved(), "carry", ["vq:16:4", "vq-packed:64:4"])
 
 
 def test_checkpoint_every_must_not_be_negative(tmp_path, capsys):
@@ -265,7 +295,7 @@ def test_sigterm_under_the_cli_saves_the_running_cell_and_exits_143(tmp_path, ca
     args = ["sweep", *tiny_args(tmp_path, codecs="vq-packed:16:4", seeds="0"), "--checkpoint-every", "0"]
     assert cli_main(args) == 143
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "the running cell's checkpoints are in" in err[0]
+    assert len(err) == 1 and "the running cell resumes from its checkpoint in" in err[0]
     saved = sorted(p.name for p in (tmp_path / "partial" / "float32-seed0").iterdir())
     assert saved == ["2"]  # the state after the 2 steps done when the signal came
 
@@ -282,7 +312,7 @@ def test_the_learning_curve_is_recorded_every_epoch_and_survives_a_resume(tmp_pa
     two_epochs = ["--train-subset", "128", "--max-steps", "0", "--epochs", "2"]  # 2 steps per epoch
     whole, part = tmp_path / "whole", tmp_path / "part"
     assert sw.main([*tiny_args(whole, seeds="0"), *two_epochs]) == 0
-    assert "epoch 1/2, step 2/4" in capsys.readouterr().out  # with the test accuracy after epoch 1
+    assert "epoch 1/2, step 2/4 (" in (out := capsys.readouterr().out) and "test last head" in out
     real = sw._batches
 
     def interrupted(n, batch_size, seed, epochs, max_steps):
