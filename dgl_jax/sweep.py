@@ -621,7 +621,7 @@ def best_ratio_at_1pt(rows: Sequence[dict], seeds: Sequence[int]) -> float | Non
 def markdown(result: dict) -> str:
     """``sweep.md``: the command and the per-codec table."""
     c = result["config"]
-    pm = lambda m, s: "" if m is None else f"{m:.2f} ± {s:.2f}"  # noqa: E731
+    pm = lambda m, s, n: "" if m is None else f"{m:.2f} ± {s:.2f}" if n > 1 else f"{m:.2f}"  # noqa: E731
     lines = [
         f"# VQ sweep: {c['model']} on {c['dataset']}, seeds {result['seeds']}",
         "",
@@ -636,12 +636,13 @@ def markdown(result: dict) -> str:
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in result["summary"]:
-        heads = " / ".join(pm(m, s) for m, s in zip(r["acc_heads_mean"], r["acc_heads_std"], strict=True))
+        n = len(r["seeds_done"])  # one seed: no spread to show
+        heads = " / ".join(pm(m, s, n) for m, s in zip(r["acc_heads_mean"], r["acc_heads_std"], strict=True))
         ent = "" if r["entropy_bits_mean"] is None else f"{r['entropy_bits_mean']:.2f}"
         lines.append(
             f"| {r['codec']} | {r['wire_bytes']} ({r['codebook_bytes']}) | {r['ratio']:.1f}x | {r['buffer_bytes']} "
             f"| {','.join(map(str, r['seeds_done'])) or '-'} | {heads} "
-            f"| {pm(r['loss_last_mean'], r['loss_last_std'])} | {ent} |"
+            f"| {pm(r['loss_last_mean'], r['loss_last_std'], n)} | {ent} |"
         )
     lines += [
         "",

@@ -139,7 +139,7 @@ def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypa
     md = (tmp_path / "sweep.md").read_text()
     assert (
         "| vq-packed:16:4 |" in md
-        and "| 4864 | 0 | 10.00 ± 0.00 / 20.00 ± 0.00 |" in md
+        and "| 4864 | 0 | 10.00 / 20.00 | 0.00 |" in md
         and (tmp_path / "frontier.png").is_file()
     )
     assert result["best_ratio_at_1pt"] is None and "over every seed: none" in md
