@@ -176,17 +176,28 @@ def test_pytree_message_through_pipelined_and_spmd_equals_dgl_step(codec):
     for t, (x, y) in enumerate(batches):
         ref, _ = step(ref, x, y, jax.random.fold_in(key, t))
 
+    # float32: reassociation only. bfloat16: an executor's float32 rounding (1e-7) can move a message element
+    # across a bfloat16 rounding boundary, one bfloat16 ulp (2^-8 relative), which the next stage's gradient
+    # carries (up to 3e-4 relative seen on an AMD EPYC); dropping the codec moves leaves by far more (checked)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if codec is None else {"rtol": 2e-3, "atol": 1e-5}
+    if codec is not None:  # the looser tolerance still tells the codec from float32 messages
+        plain_stages, plain = _pytree_setup()
+        plain_step = jax.jit(functools.partial(dgl_step, plain_stages))
+        for t, (x, y) in enumerate(batches):
+            plain, _ = plain_step(plain, x, y, jax.random.fold_in(key, t))
+        with pytest.raises(AssertionError):
+            chex.assert_trees_all_close(jax.device_get(plain), jax.device_get(ref), **tol)
     pipe = PipelinedDGL(stages, make_placement(3, jax.devices()[:3]))
     placed = pipe.place(states)
     pipe.compile(placed, X, Y)
     got, metrics = pipe.run(placed, batches, key)
     assert metrics["loss"].shape == (3, 3)
-    chex.assert_trees_all_close(jax.device_get(got), jax.device_get(ref), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(jax.device_get(got), jax.device_get(ref), **tol)
 
     mesh = jax.make_mesh((3,), ("stage",), devices=jax.devices()[:3])
     spmd = SpmdPipeline(stages, mesh, states, X, Y)
     st, _ = spmd.run(spmd.init(states), batches, key)
-    chex.assert_trees_all_close(spmd.unpack(st), jax.device_get(ref), rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(spmd.unpack(st), jax.device_get(ref), **tol)
 
 
 def test_packed_vq_codes_cross_the_spmd_wire_as_uint8_and_match_dgl_step():
