@@ -172,19 +172,21 @@ def test_pytree_message_through_pipelined_and_spmd_equals_dgl_step(codec):
     stages, states = _pytree_setup(cast() if codec else None)
     batches = [(X, Y), (X * 0.5, (Y + 1) % 10), (-X, Y)]
     key = jax.random.key(7)
-    ref, step = states, jax.jit(functools.partial(dgl_step, stages))
-    for t, (x, y) in enumerate(batches):
-        ref, _ = step(ref, x, y, jax.random.fold_in(key, t))
+
+    def trained(stages, states):  # dgl_step over the batches, batch t with fold_in(key, t)
+        step = jax.jit(functools.partial(dgl_step, stages))
+        for t, (x, y) in enumerate(batches):
+            states, _ = step(states, x, y, jax.random.fold_in(key, t))
+        return states
+
+    ref = trained(stages, states)
 
     # float32: reassociation only. bfloat16: an executor's float32 rounding (1e-7) can move a message element
     # across a bfloat16 rounding boundary, one bfloat16 ulp (2^-8 relative), which the next stage's gradient
     # carries (up to 3e-4 relative seen on an AMD EPYC); dropping the codec moves leaves by far more (checked)
     tol = {"rtol": 1e-5, "atol": 1e-6} if codec is None else {"rtol": 2e-3, "atol": 1e-5}
     if codec is not None:  # the looser tolerance still tells the codec from float32 messages
-        plain_stages, plain = _pytree_setup()
-        plain_step = jax.jit(functools.partial(dgl_step, plain_stages))
-        for t, (x, y) in enumerate(batches):
-            plain, _ = plain_step(plain, x, y, jax.random.fold_in(key, t))
+        plain = trained(*_pytree_setup())
         with pytest.raises(AssertionError):
             chex.assert_trees_all_close(jax.device_get(plain), jax.device_get(ref), **tol)
     pipe = PipelinedDGL(stages, make_placement(3, jax.devices()[:3]))
