@@ -485,8 +485,8 @@ def run_cell(
             curve.append(test_accuracy(group, carry, data, config.eval_batch_size)[0].tolist())
 
     def save(done: int) -> None:
-        meta = {"step": done, "seconds": before + time.perf_counter() - t0, "members": list(group.members)}
-        ckpt.save(done, carry, {**meta, "curve": curve})
+        seconds = before + time.perf_counter() - t0
+        ckpt.save(done, carry, {"step": done, "seconds": seconds, "members": list(group.members), "curve": curve})
 
     step_key, metrics, done, saved = jax.random.fold_in(key, 2), None, start, start
     try:
@@ -855,7 +855,9 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
         except cells_lib.GridError as e:
             raise SweepError(str(e).splitlines()[0]) from None
         except KeyboardInterrupt:
-            saved = any(p.is_dir() and any(p.iterdir()) for p in (out / PARTIAL).glob("*"))
+            # a planned cell's folder is removed once the cell is saved: one left with files is the running one's
+            # (a cell this run does not plan keeps its folder, but that is not the running cell's)
+            saved = any(p.is_dir() and any(p.iterdir()) for p in (partial_folder(out, cid) for cid, *_ in todo))
             line = (
                 f"the running cell resumes from its checkpoint in {out / PARTIAL}"
                 if saved

@@ -128,6 +128,9 @@ def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypa
         return {"seed": seed, **fake, "members": accs}
 
     monkeypatch.setattr(sw, "run_cell", run_cell)
+    other = tmp_path / "partial" / "d8-seed5"  # a cell this run does not plan: its state is not the running cell's
+    other.mkdir(parents=True)
+    (other / "1").mkdir()
     assert sw.main(tiny_args(tmp_path)) == 130
     printed = capsys.readouterr()
     err = printed.err.strip().splitlines()
