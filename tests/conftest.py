@@ -41,17 +41,22 @@ def run_until(trainer, state, stop_after_chunks=None):
 
 
 def _share_compiled_programs() -> None:
-    """One persistent XLA compilation cache for the whole session (a fresh temporary folder): tests that build
-    the same program (same model, shapes and recipe) compile it once. The command line's default cache
-    (``DGL_JAX_CACHE_DIR``) points there too, so no test writes to ``~/.cache``."""
+    """One persistent XLA compilation cache for the whole session (a fresh temporary folder, shared by the
+    pytest-xdist workers): tests that build the same program (same model, shapes and recipe) compile it once.
+    The command line's default cache (``DGL_JAX_CACHE_DIR``) points there too, so no test writes to
+    ``~/.cache``."""
     import atexit
     import shutil
     import tempfile
 
     from dgl_jax.cli import setup_compilation_cache
 
-    path = tempfile.mkdtemp(prefix="dgl_jax_test_cache_")
-    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    if os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get("DGL_JAX_TEST_CACHE_DIR"):
+        path = os.environ["DGL_JAX_TEST_CACHE_DIR"]  # a pytest-xdist worker: the controller's folder, which it removes
+    else:
+        path = tempfile.mkdtemp(prefix="dgl_jax_test_cache_")
+        atexit.register(shutil.rmtree, path, ignore_errors=True)
+        os.environ["DGL_JAX_TEST_CACHE_DIR"] = path  # inherited by the pytest-xdist workers, started after this
     os.environ["DGL_JAX_CACHE_DIR"] = path
     setup_compilation_cache(path)
 
