@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -84,3 +86,9 @@ def machine() -> dict[str, Any]:
 def provenance() -> dict[str, Any]:
     """``git_sha``, ``git_dirty`` and ``machine``: the keys every results JSON carries."""
     return {"git_sha": git_sha(), "git_dirty": git_dirty(), "machine": machine()}
+
+
+def command(prog: str, argv: Sequence[str] | None = None) -> str:
+    """The shell line that re-runs a script: ``prog``, then ``argv`` (default ``sys.argv[1:]``) with each
+    argument quoted as a POSIX shell needs (``--runs 'sequential (same total epochs)'``)."""
+    return " ".join([prog, *map(shlex.quote, sys.argv[1:] if argv is None else argv)])

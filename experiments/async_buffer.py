@@ -48,6 +48,7 @@ from dgl_jax import (  # noqa: E402
     forward_features,
     init_stage_states,
     make_optimizer,
+    provenance,
     vq,
     with_codec,
     with_optimizer,
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--vq", default=None, metavar="K:d", help="also run every cell with buffers of VQ codes")
     p.add_argument("--drop", type=float, default=0.01, help="accuracy loss that counts as a drop (fraction)")
     args = p.parse_args(argv)
-    command = " ".join(["python experiments/async_buffer.py", *(sys.argv[1:] if argv is None else argv)])
+    command = provenance.command("python experiments/async_buffer.py", argv)
     vq_cfg = None
     if args.vq is not None:
         try:

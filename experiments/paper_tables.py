@@ -31,6 +31,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from dgl_jax import provenance
 from dgl_jax.cells import GridError, mean_std, open_grid, run_grid
 from dgl_jax.config import scale_decay
 from dgl_jax.data import Dataset, load_dataset
@@ -393,7 +394,7 @@ def main(argv: list[str] | None = None) -> dict:
         "table": args.table,
         "budget": budget,
         "dataset": dataset.name,
-        "command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+        "command": provenance.command(Path(sys.argv[0]).name, argv),
     }
     cells = [(f"{label}/{cfg.seed}", functools.partial(_cell, args.table, cfg, dataset))
              for label, cfgs in configs.items() for cfg in cfgs]  # fmt: skip

@@ -579,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict:
         p.error(f"--ks {args.ks}: need 2 <= K <= {jax.device_count()} devices")
     out = Path(args.out)
     ident = {k: v for k, v in vars(args).items() if k in ("size", "head", "vq", "repeats", "tiny")}
-    header = {"seeds": [args.seed], "command": " ".join(["python experiments/scale_out.py", *(argv or sys.argv[1:])]),
+    header = {"seeds": [args.seed], "command": provenance.command("python experiments/scale_out.py", argv),
               "machine": provenance.machine(), "versions": provenance.versions()}  # fmt: skip
     cells = [(f"profile/{m}", functools.partial(profile_model, m, args)) for m in args.models]
     try:

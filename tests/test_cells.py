@@ -94,6 +94,14 @@ def test_provenance_names_the_checkout():
     }
 
 
+def test_the_recorded_command_survives_the_shell():
+    import shlex
+
+    argv = ["sequential_vs_parallel", "--runs", "sequential (same total epochs)", "--seeds", "0,1"]
+    line = provenance.command("paper_tables.py", argv)
+    assert shlex.split(line) == ["paper_tables.py", *argv]
+
+
 def test_mean_std_over_seeds():
     import numpy as np
 
