@@ -33,13 +33,18 @@ Built-in codecs and their wires:
     codes per example and ``bits = ceil(log2 K)`` (see :func:`pack_bits`), the batch axis first so that it
     can be sharded over a data axis.
 
+  With ``levels=L > 1`` (residual VQ) the state is a tuple of ``L`` VQ states, the codes are
+  ``[batch, ..., L * G]`` and the codebook ``[L * G, K, d]``.
+
 :func:`parse_codec` builds a codec from a command-line spec (:data:`CODEC_SYNTAX`); :func:`check_decoded`
 checks, without computing anything, that a codec decodes to what a receiver was initialised on.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 import re
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -52,6 +57,8 @@ import numpy as np
 from dgl_jax import vq as vqmath
 
 PyTree = Any
+MAX_LEVELS = 4
+"""The most residual VQ levels a :func:`vq` codec takes."""
 
 __all__ = [
     "CODEC_SYNTAX",
@@ -238,6 +245,7 @@ def vq(
     eps: float = 1e-5,
     restart_threshold: float = 1e-2,
     init: str = "sample",
+    levels: int = 1,
 ) -> Codec:
     """Grouped online vector quantization of a single floating array message ``x: [batch, ..., C]``.
 
@@ -255,10 +263,16 @@ def vq(
       split into the seeding and restart keys; with ``key=None`` the seeding uses ``jax.random.key(0)``.
     * ``decode(wire)``: the centroids ``float32 [batch, ..., C]`` of the (unpacked) codes.
 
+    ``levels = L > 1`` is residual VQ: level ``l`` is such a quantizer of the residual ``x - (q_0 + ... +
+    q_{l-1})`` left by the levels before it (``q_l``: level ``l``'s centroids), with its own codebook and EMA
+    state; the state is a tuple of ``L`` :class:`dgl_jax.vq.VQState` (level ``l`` is initialised and keyed
+    with ``fold_in(key, l)``); the wire's codes are ``[batch, ..., L * G]`` (level-major) and its codebook
+    ``[L * G, K, d]``; ``decode`` returns ``q_0 + ... + q_{L-1}``.
+
     ``packed=True`` sends the codes as :class:`PackedBits` of ``ceil(log2 K)`` bits each. Name:
     ``"vq:K:d"`` / ``"vq-packed:K:d"`` with ``code_dim``, ``"vq:K:gG"`` / ``"vq-packed:K:gG"`` with ``groups``,
-    followed by ``:init=...``, ``:decay=...``, ``:restart=...`` where they differ from :data:`VQ_DEFAULTS`
-    (the name is a spec :func:`parse_codec` reads back).
+    followed by ``:init=...``, ``:decay=...``, ``:restart=...``, ``:levels=...`` where they differ from
+    :data:`VQ_DEFAULTS` (the name is a spec :func:`parse_codec` reads back).
     """
     if (code_dim is None) == (groups is None):
         raise ValueError(f"vq codec: give exactly one of code_dim or groups, got code_dim={code_dim}, groups={groups}")
@@ -274,17 +288,18 @@ def vq(
         raise ValueError(f"vq codec: eps must be >= 0, got {eps}")
     if not restart_threshold >= 0.0:
         raise ValueError(f"vq codec: restart threshold must be >= 0, got {restart_threshold}")
-    num_codes = int(num_codes)
+    if not isinstance(levels, (int, np.integer)) or isinstance(levels, bool) or not 1 <= levels <= MAX_LEVELS:
+        raise ValueError(f"vq codec: levels must be an integer in 1..{MAX_LEVELS}, got {levels!r}")
+    num_codes, levels = int(num_codes), int(levels)
     bits = vqmath.index_bits(num_codes)
     tag = f"{code_dim}" if code_dim is not None else f"g{groups}"
-    options = {"init": init, "decay": float(decay), "restart": float(restart_threshold)}
+    options = {"init": init, "decay": float(decay), "restart": float(restart_threshold), "levels": levels}
     suffix = "".join(f":{k}={v:g}" if isinstance(v, float) else f":{k}={v}" for k, v in options.items()
                      if v != VQ_DEFAULTS[k])  # fmt: skip
     name = f"{'vq-packed' if packed else 'vq'}:{num_codes}:{tag}{suffix}"
     method = init
 
-    def init_fn(example: PyTree, key: jax.Array | None = None) -> VQCodecState:
-        x = _single_leaf(example)
+    def init_level(x: Any, key: jax.Array | None) -> VQCodecState:
         g, d = vqmath.resolve_groups(int(x.shape[-1]), code_dim, groups)
         n = math.prod(x.shape[:-1])
         if method == "sample" and n < num_codes:
@@ -295,8 +310,10 @@ def vq(
         key = jax.random.key(0) if key is None else key
         return vqmath.init(num_codes, d, g, key=key)
 
-    def encode(state: VQCodecState, message: PyTree, key: jax.Array | None = None) -> tuple[VQCodecState, VQWire]:
-        x = _single_leaf(message)
+    def encode_level(
+        state: VQCodecState, x: jax.Array, key: jax.Array | None
+    ) -> tuple[VQCodecState, jax.Array, jax.Array]:
+        """``(new_state, codes, codebook)``: the codes of ``x`` and the (seeded, pre-update) codebook they index."""
         if key is None:
             k_seed, k_restart = jax.random.key(0), None
         else:
@@ -305,15 +322,45 @@ def vq(
             state.step == 0, lambda s: vqmath.init_from_data(s, x, method, key=k_seed), lambda s: s, state
         )
         codes = vqmath.encode(state, x)
-        wire = VQWire(codes=pack_bits(codes, bits) if packed else codes, codebook=state.codebook)
         new_state = vqmath.update(
             state, x, codes, decay=decay, eps=eps, key=k_restart, restart_threshold=restart_threshold
         )
+        return new_state, codes, state.codebook
+
+    def level_key(key: jax.Array | None, level: int) -> jax.Array | None:
+        return None if key is None else jax.random.fold_in(key, level)
+
+    def init_fn(example: PyTree, key: jax.Array | None = None) -> VQCodecState | tuple[VQCodecState, ...]:
+        x = _single_leaf(example)
+        if levels == 1:
+            return init_level(x, key)
+        key = jax.random.key(0) if key is None else key
+        return tuple(init_level(x, level_key(key, level)) for level in range(levels))
+
+    def encode(state: PyTree, message: PyTree, key: jax.Array | None = None) -> tuple[PyTree, VQWire]:
+        x = _single_leaf(message)
+        if levels == 1:
+            new_state, codes, codebook = encode_level(state, x, key)
+        else:
+            residual, new_levels, all_codes, books = x.astype(jnp.float32), [], [], []
+            for level, s in enumerate(state):
+                s, codes, book = encode_level(s, residual, level_key(key, level))
+                residual = residual - vqmath.decode(book, codes)
+                new_levels.append(s)
+                all_codes.append(codes)
+                books.append(book)
+            new_state = tuple(new_levels)
+            codes, codebook = jnp.concatenate(all_codes, -1), jnp.concatenate(books, 0)
+        wire = VQWire(codes=pack_bits(codes, bits) if packed else codes, codebook=codebook)
         return new_state, wire
 
     def decode(wire: VQWire) -> jax.Array:
         codes = unpack_bits(wire.codes) if isinstance(wire.codes, PackedBits) else wire.codes
-        return vqmath.decode(wire.codebook, codes)
+        x = vqmath.decode(wire.codebook, codes)
+        if levels == 1:
+            return x
+        per_level = x.reshape(*x.shape[:-1], levels, x.shape[-1] // levels)
+        return functools.reduce(operator.add, [per_level[..., level, :] for level in range(levels)])
 
     return Codec(init_fn, encode, decode, name)
 
@@ -323,14 +370,15 @@ def vq(
 # ----------------------------------------------------------------------------------------------------------
 CODEC_SYNTAX: str = (
     "identity (also float32, none) | bfloat16 | vq:K:d | vq-packed:K:d | vq:K:gG | vq-packed:K:gG, then optional "
-    ":init=sample|kmeans++ :decay=D :restart=T "
+    ":init=sample|kmeans++ :decay=D :restart=T :levels=L "
     "(K codes >= 2, d = code dim dividing the channels, G = groups; vq-packed sends ceil(log2 K) bits per code; "
-    "init: codebook seeding from the first message, decay: EMA decay in [0, 1), restart: dead-code threshold, 0 off)"
+    "init: codebook seeding from the first message, decay: EMA decay in [0, 1), restart: dead-code threshold, 0 off, "
+    f"levels: residual VQ levels in 1..{MAX_LEVELS}, each sending its own codes)"
 )
 """Syntax of the codec specs :func:`parse_codec` accepts."""
 
 _VQ_SPEC = re.compile(r"(vq|vq-packed):(-?\d+):(g?)(\d+)((?::[a-z]+=[^:]*)*)")
-VQ_DEFAULTS = {"init": "sample", "decay": 0.99, "restart": 1e-2}
+VQ_DEFAULTS = {"init": "sample", "decay": 0.99, "restart": 1e-2, "levels": 1}
 """The VQ codec options of a spec and their defaults (a name shows only the options that differ)."""
 
 
@@ -361,6 +409,13 @@ def parse_codec(spec: str) -> Codec:
             raise ValueError(f"bad codec spec {spec!r}: unknown option {key!r}; expected {CODEC_SYNTAX}")
         if key == "init":
             kw["init"] = value
+            continue
+        if key == "levels":
+            if not re.fullmatch(r"\d+", value):
+                raise ValueError(
+                    f"bad codec spec {spec!r}: levels={value!r} is not an integer; expected {CODEC_SYNTAX}"
+                )
+            kw["levels"] = int(value)
             continue
         try:
             kw["decay" if key == "decay" else "restart_threshold"] = float(value)

@@ -153,6 +153,11 @@ def parse_codecs(text: str) -> list[str]:
             raise SweepError(str(e).splitlines()[0]) from None
         if not _VQ_NAME.fullmatch(name):
             raise SweepError(f"--codecs: {spec!r} is not a VQ codec; a sweep compares vq:K:d / vq-packed:K:d codecs")
+        if ":levels=" in name:
+            raise SweepError(
+                f"--codecs: {spec!r} is residual VQ; the sweep's jitted ablation runs one VQ level per boundary "
+                "(train residual VQ with python -m dgl_jax train --codec)"
+            )
         if name in names:
             raise SweepError(f"--codecs: {name} is repeated; expected distinct codecs")
         names.append(name)

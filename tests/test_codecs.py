@@ -236,6 +236,8 @@ def test_vq_rejects_bad_messages():
         ("vq-packed:64:16:init=kmeans++:decay=0.95:restart=0", "vq-packed:64:16:init=kmeans++:decay=0.95:restart=0"),
         ("vq:16:4:decay=0.99:init=sample", "vq:16:4"),  # defaults are left out of the name
         ("vq:16:g2:restart=0.001", "vq:16:g2:restart=0.001"),
+        ("vq-packed:16:4:levels=2", "vq-packed:16:4:levels=2"),
+        ("vq:16:4:levels=1", "vq:16:4"),
     ],
 )
 def test_parse_codec(spec, name):
@@ -247,7 +249,8 @@ def test_parse_codec(spec, name):
 @pytest.mark.parametrize(
     "spec",
     ["", "vq", "vq:16", "vq:x:4", "vq:16:4:2", "fp8", "vq-packed:16:0", "vq:1:4", "vq:16:4:foo=1",
-     "vq:16:4:decay=x", "vq:16:4:decay=1.5", "vq:16:4:init=zz", "vq:16:4:restart=-1"],
+     "vq:16:4:decay=x", "vq:16:4:decay=1.5", "vq:16:4:init=zz", "vq:16:4:restart=-1", "vq:16:4:levels=0",
+     "vq:16:4:levels=5", "vq:16:4:levels=2.0"],
 )  # fmt: skip
 def test_parse_codec_bad_specs(spec):
     with pytest.raises(ValueError) as e:
@@ -290,3 +293,54 @@ def test_codec_options_change_the_codec():
         st2, _ = c.encode(st1, x)
         moved.append(float(jnp.abs(st2.codebook - st1.codebook).max()))
     assert moved[0] > 2 * moved[1] > 0  # equal if the option were ignored
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Residual VQ (levels > 1)
+# ----------------------------------------------------------------------------------------------------------
+def test_residual_vq_decodes_to_the_sum_of_its_levels_and_each_level_codes_the_residual():
+    c = codecs.parse_codec("vq-packed:16:4:levels=3")
+    state = c.init(X, jax.random.key(0))
+    assert isinstance(state, tuple) and len(state) == 3 and all(isinstance(s, vq.VQState) for s in state)
+    for i in range(3):
+        before = state
+        state, wire = jax.jit(c.encode)(state, X + 0.1 * i, jax.random.key(i))
+    codes = codecs.unpack_bits(wire.codes)
+    assert codes.shape == (8, 4, 4, 3 * 8) and wire.codebook.shape == (3 * 8, 16, 4)
+    # Exact: the receiver's sum of the levels' centroids, level by level from the sender's own codebooks.
+    expected, residual = jnp.zeros_like(X), X + 0.2
+    for level, s in enumerate(before):
+        book = wire.codebook[8 * level : 8 * (level + 1)]
+        np.testing.assert_array_equal(np.asarray(book), np.asarray(s.codebook))
+        level_codes = codes[..., 8 * level : 8 * (level + 1)]
+        np.testing.assert_array_equal(np.asarray(level_codes), np.asarray(vq.encode(s, residual)))
+        q = vq.decode(book, level_codes)
+        expected, residual = expected + q, residual - q
+    np.testing.assert_array_equal(np.asarray(c.decode(wire)), np.asarray(expected))
+
+
+def test_residual_vq_levels_cut_the_distortion_and_bytes_are_the_wire_nbytes():
+    """On the same stream, each extra level lowers the distortion; the bytes are the wire's ``nbytes``: L times
+    the codes and L codebooks."""
+    errors = []
+    for levels in (1, 2, 3):
+        c = codecs.vq(16, code_dim=4, packed=True, levels=levels)
+        state = c.init(X, jax.random.key(0))
+        step = jax.jit(c.encode)
+        for i in range(10):
+            state, wire = step(state, jax.random.normal(jax.random.key(100 + i), X.shape), jax.random.key(i))
+        state, wire = step(state, X, None)
+        errors.append(float(vq.distortion(X, c.decode(wire))))
+        codes_bytes = 8 * math.ceil(4 * 4 * 8 * levels * 4 / 8)
+        assert codecs.wire_bytes(wire) == leaves_nbytes(wire) == codes_bytes + levels * 8 * 16 * 4 * 4
+        assert codecs.wire_bytes(jax.eval_shape(c.encode, state, X)[1]) == codecs.wire_bytes(wire)
+    assert errors[0] > errors[1] > errors[2] > 0, errors
+
+
+def test_one_level_is_the_plain_codec():
+    plain, one = codecs.vq(16, code_dim=4), codecs.vq(16, code_dim=4, levels=1)
+    assert plain.name == one.name
+    s_a, s_b = plain.init(X, jax.random.key(3)), one.init(X, jax.random.key(3))
+    s_a, w_a = plain.encode(s_a, X, jax.random.key(4))
+    s_b, w_b = one.encode(s_b, X, jax.random.key(4))
+    chex.assert_trees_all_equal((s_a, w_a), (s_b, w_b))

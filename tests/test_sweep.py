@@ -239,6 +239,7 @@ def test_checkpoint_every_must_not_be_negative(tmp_path, capsys):
         (" , ", "0", "--codecs is empty"),
         ("vq-packed:16:4,vq-packed:16:4", "0", "repeated"),
         ("bfloat16", "0", "not a VQ codec"),
+        ("vq-packed:16:4:levels=2", "0", "is residual VQ"),
         ("vq-packed:16:4", "0,x", "--seeds"),
     ],
 )
