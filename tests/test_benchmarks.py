@@ -100,3 +100,23 @@ def test_accelerator_benchmark_tiny(tmp_path):
                           "cnn4/stage_parallel/dgl/vq-packed:16:4"}  # fmt: skip
     assert all(c["images_per_s"] > 0 for c in cells.values())
     assert saved["git_sha"] and saved["machine"]["platform"] == "cpu"
+
+
+def test_vq_distortion_benchmark_tiny(tmp_path):
+    """Bytes are the packed codes plus the codebooks of every boundary; a second level at a quarter of the codes
+    sends the same code bits; every distortion is a finite relative error, one per seed and boundary."""
+    out = tmp_path / "vq_distortion.json"
+    load("vq_distortion").main(["--tiny", "--train-steps", "5", "--seeds", "0,1", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    shapes = saved["boundary_shapes"]
+    assert saved["float32_bytes"] == sum(4 * b * h * w * c for b, h, w, c in shapes)
+    for name, levels, k in (("vq-packed:16:4", 1, 16), ("vq-packed:4:4:levels=2", 2, 4)):
+        r = saved["codecs"][name]
+        bits = (k - 1).bit_length()
+        expected = sum(b * -(-h * w * (c // 4) * levels * bits // 8) + levels * (c // 4) * k * 4 * 4
+                       for b, h, w, c in shapes)  # fmt: skip
+        assert r["wire_bytes"] == expected
+        assert r["ratio"] == pytest.approx(saved["float32_bytes"] / expected)
+        d = r["distortion"]
+        assert len(d) == 2 and all(len(row) == len(shapes) and all(0 < v < 10 for v in row) for row in d)
+    assert saved["seeds"] == [0, 1] and saved["git_sha"] and saved["machine"]["platform"] == "cpu"
