@@ -12,7 +12,7 @@ done, those codecs x one seed). Run folder::
     sweep.json   git sha, the command that reproduces the whole table, seeds, codecs, config, machine and
                  versions, bytes per codec, every finished cell (written as soon as it finishes, with the git
                  sha and machine it ran on; per member the per-head test accuracy, its learning curve after
-                 every epoch, the code entropy), the summary and best_ratio_at_1pt (over every seed)
+                 every epoch, the code entropy), the summary and best_ratio_at_1pt (mean over all the seeds)
     sweep.md     per codec: bytes per step, ratio vs float32, replay-buffer bytes, seeds done, per-head
                  accuracy mean +- std over seeds, last-head loss vs the baseline, empirical entropy of the
                  codes; the last head's learning curves
@@ -613,8 +613,9 @@ def summarize(result: dict) -> list[dict]:
 
 
 def best_ratio_at_1pt(rows: Sequence[dict], seeds: Sequence[int]) -> float | None:
-    """The largest real-bytes traffic reduction among codecs whose mean last-head loss is <= 1.0 point over
-    every seed of ``seeds`` (a codec, or a baseline, with seeds still to run does not count)."""
+    """The largest real-bytes traffic reduction among codecs whose last-head loss, averaged over the seeds
+    ``seeds``, is <= 1.0 point (a codec, or a baseline, with seeds still to run does not count; a single seed may
+    lose more)."""
     full = sorted(seeds)
     if not rows or rows[0]["seeds_done"] != full:
         return None
@@ -632,7 +633,7 @@ def markdown(result: dict) -> str:
         "",
         f"Command: `{result['command']}`  ",
         f"git {str(result['git_sha'])[:12]}; boundaries {result['boundary_shapes']} (batch first); "
-        f"best traffic reduction at <= 1 point of last-head loss over every seed: "
+        f"best traffic reduction whose last-head loss, averaged over all the seeds, is <= 1 point: "
         + (f"{result['best_ratio_at_1pt']:.1f}x" if result["best_ratio_at_1pt"] else "none"),
         "",
         "| codec | bytes/step (codebook) | vs float32 | buffer bytes (1 batch) | seeds done "

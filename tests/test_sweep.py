@@ -145,7 +145,7 @@ def test_interrupt_keeps_finished_cells_and_exits_130(tmp_path, capsys, monkeypa
         and "| 4864 | 0 | 10.00 / 20.00 | 0.00 |" in md
         and (tmp_path / "frontier.png").is_file()
     )
-    assert result["best_ratio_at_1pt"] is None and "over every seed: none" in md
+    assert result["best_ratio_at_1pt"] is None and "averaged over all the seeds, is <= 1 point: none" in md
 
 
 def test_best_ratio_counts_only_codecs_with_every_seed():
