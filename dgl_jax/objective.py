@@ -24,7 +24,17 @@ from dgl_jax.losses import accuracy, cross_entropy
 from dgl_jax.stage import Stage, decode_message, encode_message, message_specs
 
 PyTree = Any
-__all__ = ["StageOutput", "accuracy", "cross_entropy", "greedy_loss", "message_specs", "stage_apply", "stage_loss"]
+__all__ = [
+    "StageOutput",
+    "accuracy",
+    "cross_entropy",
+    "greedy_loss",
+    "message_specs",
+    "reads_wire",
+    "stage_apply",
+    "stage_loss",
+    "wire_first",
+]
 
 
 class StageOutput(NamedTuple):
@@ -65,24 +75,33 @@ def with_auto_axes(fn: Any, x: PyTree, *args: Any) -> Any:
 
 
 def stage_apply(
-    stage: Stage, params: PyTree, model_state: PyTree, x: PyTree, train: bool = True, key: jax.Array | None = None
+    stage: Stage,
+    params: PyTree,
+    model_state: PyTree,
+    x: PyTree,
+    train: bool = True,
+    key: jax.Array | None = None,
+    *,
+    head_input: PyTree = None,
 ) -> StageOutput:
     """Runs block and head of ``stage`` on ``x``; in train mode every mutable collection of ``model_state``
-    is updated (BatchNorm statistics, ...). ``key`` feeds the stage's RNG streams (dropout, ...). Works on
-    batches sharded over Auto and Explicit mesh axes (:func:`with_auto_axes`)."""
+    is updated (BatchNorm statistics, ...). ``key`` feeds the stage's RNG streams (dropout, ...). With
+    ``head_input`` the head reads that value instead of the block's output, with a straight-through gradient
+    (:class:`dgl_jax.stage.StageModule`). Works on batches sharded over Auto and Explicit mesh axes
+    (:func:`with_auto_axes`)."""
     mutable = list(model_state) if train else False
     rngs = stage.rngs(key)
 
-    def run(x, params, model_state):
+    def run(x, params, model_state, head_input):
         variables = {"params": params, **model_state}
         if mutable:
-            (h, out), new = stage.module.apply(variables, x, True, rngs=rngs, mutable=mutable)
+            (h, out), new = stage.module.apply(variables, x, True, head_input, rngs=rngs, mutable=mutable)
             return h, out, dict(new)
-        h, out = stage.module.apply(variables, x, train, rngs=rngs)
+        h, out = stage.module.apply(variables, x, train, head_input, rngs=rngs)
         return h, out, model_state
 
     try:
-        return StageOutput(*with_auto_axes(run, x, params, model_state))
+        return StageOutput(*with_auto_axes(run, x, params, model_state, head_input))
     except flax.errors.InvalidRngError as e:
         raise ValueError(
             f"stage {stage.layers or type(stage.block).__name__} draws random numbers ({str(e).splitlines()[0][:80]}"
@@ -98,18 +117,45 @@ def stage_loss(
     targets: PyTree,
     train: bool = True,
     key: jax.Array | None = None,
+    *,
+    head_input: PyTree = None,
 ) -> tuple[jax.Array, StageOutput]:
     """Stage j's local loss ``stage.loss_fn(head(block(stop_gradient(x))), targets)`` and its
     :class:`StageOutput`. The returned ``features`` are computed with the given (pre-update) ``params``.
+    ``head_input``: what the head reads instead of the block's output (straight-through, see
+    :func:`stage_apply`; :func:`wire_first` computes it for a stage whose head reads its wire).
     Raises ``ValueError`` when ``loss_fn`` does not return a scalar."""
     if stage.head is None:
         raise ValueError("stage_loss needs a stage with a head (this one was built by drop_aux_heads)")
-    out = stage_apply(stage, params, model_state, jax.lax.stop_gradient(x), train, key)
+    out = stage_apply(stage, params, model_state, jax.lax.stop_gradient(x), train, key, head_input=head_input)
     loss = stage.loss_fn(out.output, targets)
     if jnp.shape(loss) != ():
         name = getattr(stage.loss_fn, "__name__", repr(stage.loss_fn))
         raise ValueError(f"loss_fn {name} returned shape {tuple(jnp.shape(loss))}; a stage's loss must be a scalar")
     return loss, out
+
+
+def reads_wire(stage: Stage) -> bool:
+    """Whether ``stage``'s head trains on its decoded wire (``head_reads_wire`` and a codec on its output)."""
+    return stage.head_reads_wire and stage.codec is not None
+
+
+def wire_first(
+    stage: Stage,
+    params: PyTree,
+    model_state: PyTree,
+    codec_state: PyTree,
+    x: PyTree,
+    key: jax.Array | None = None,
+) -> tuple[PyTree, PyTree, PyTree]:
+    """For a stage whose head reads its wire (:func:`reads_wire`): its features on ``x`` (train mode, the given
+    pre-update ``params``; the updated statistics are dropped), encoded by its codec. Returns ``(new codec
+    state, wire, decoded)``; ``decoded`` is the ``head_input`` of :func:`stage_loss`. ``key`` is the stage's
+    key, split as a step splits it (:func:`split_key`)."""
+    k_layers, k_codec = split_key(key)
+    feats = stage_apply(stage, params, model_state, jax.lax.stop_gradient(x), True, k_layers).features
+    codec_state, wire = encode_message(stage, codec_state, jax.lax.stop_gradient(feats), k_codec)
+    return codec_state, wire, decode_message(stage, wire)
 
 
 class GreedyOutput(NamedTuple):
@@ -145,16 +191,21 @@ def greedy_loss(
     total, per_stage = jnp.zeros((), jnp.float32), []
     for j, (stage, p, ms) in enumerate(zip(stages, params, model_states, strict=True)):
         k_layers, k_codec = split_key(stage_key(key, j))
+        wire, cs, head_input = None, None if codec_states is None else codec_states[j], None
+        early = codec_states is not None and j < k - 1 and reads_wire(stage)
+        if early:  # the head reads the decoded wire: encode first
+            cs, wire, head_input = wire_first(stage, p, ms, cs, x, stage_key(key, j))
         try:
-            loss, out = stage_loss(stage, p, ms, x, targets, train, k_layers)
+            loss, out = stage_loss(stage, p, ms, x, targets, train, k_layers, head_input=head_input)
         except ValueError as e:
             raise ValueError(f"stage {j}: {e}") from None
         total = total + loss
-        wire, cs = None, None if codec_states is None else codec_states[j]
         if j < k - 1:
             feats = jax.lax.stop_gradient(out.features)
             if codec_states is None:
                 wire, x = feats, feats
+            elif early:
+                x = head_input
             else:
                 cs, wire = encode_message(stage, cs, feats, k_codec)
                 x = decode_message(stage, wire)

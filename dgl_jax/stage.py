@@ -45,9 +45,15 @@ class StageModule(nn.Module):
     block: nn.Module
     head: nn.Module | None
 
-    def __call__(self, x: PyTree, train: bool) -> tuple[PyTree, PyTree]:
+    def __call__(self, x: PyTree, train: bool, head_input: PyTree = None) -> tuple[PyTree, PyTree]:
+        """``(features, head_output)``. With ``head_input`` (a constant shaped like the features) the head reads
+        ``features + stop_gradient(head_input - features)``: the value ``head_input``, with the gradient passed
+        straight through to the block."""
         h = self.block(x, train=train)
-        return h, (None if self.head is None else self.head(h, train=train))
+        if self.head is None:
+            return h, None
+        read = h if head_input is None else jax.tree.map(lambda a, b: a + jax.lax.stop_gradient(b - a), h, head_input)
+        return h, self.head(read, train=train)
 
     def features(self, x: PyTree, train: bool) -> PyTree:
         return self.block(x, train=train)
@@ -57,7 +63,10 @@ class StageModule(nn.Module):
 class Stage:
     """Static description of one stage (see the module docstring): ``block``, ``head``, ``loss_fn``,
     ``tx`` and its LR ``schedule`` (for logging), ``codec`` of its output, the flax ``rng_streams`` its
-    layers draw from, and ``layers``, the names of the trunk units the block holds (for reports)."""
+    layers draw from, and ``layers``, the names of the trunk units the block holds (for reports).
+
+    ``head_reads_wire=True``: the head trains on what the next stage receives, ``decode(encode(features))``
+    through the stage's codec, with a straight-through gradient to the block (no effect without a codec)."""
 
     block: nn.Module
     head: nn.Module | None
@@ -67,6 +76,7 @@ class Stage:
     loss_fn: Callable[[PyTree, PyTree], jax.Array] = cross_entropy
     codec: Any = None
     rng_streams: tuple[str, ...] = ("dropout",)
+    head_reads_wire: bool = False
 
     @property
     def module(self) -> StageModule:

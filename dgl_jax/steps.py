@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import optax
 
 from dgl_jax.losses import accuracy, cross_entropy, is_classification, per_example
-from dgl_jax.objective import split_key, stage_apply, stage_key, stage_loss, with_auto_axes
+from dgl_jax.objective import reads_wire, split_key, stage_apply, stage_key, stage_loss, wire_first, with_auto_axes
 from dgl_jax.stage import Stage, StageState, decode_message, encode_message
 
 PyTree = Any
@@ -51,14 +51,21 @@ def apply_updates(stage: Stage, state: StageState, grads: PyTree, model_state: P
 
 
 def local_update(
-    stage: Stage, state: StageState, x: PyTree, targets: PyTree, key: jax.Array | None = None
+    stage: Stage,
+    state: StageState,
+    x: PyTree,
+    targets: PyTree,
+    key: jax.Array | None = None,
+    *,
+    head_input: PyTree = None,
 ) -> tuple[StageState, PyTree, Metrics]:
-    """One optimizer step of ``stage`` on its local loss for the decoded input ``x`` (a constant).
+    """One optimizer step of ``stage`` on its local loss for the decoded input ``x`` (a constant); the head
+    reads ``head_input`` when given (:func:`dgl_jax.objective.stage_loss`).
 
     Returns ``(new_state, features, metrics)``: ``features`` is the stage's output computed with its
     pre-update params in train mode (before any codec); ``metrics``: scalar ``loss`` and ``accuracy``."""
-    grad_fn = jax.value_and_grad(stage_loss, argnums=1, has_aux=True)
-    (loss, out), grads = grad_fn(stage, state.params, state.model_state, x, targets, True, key)
+    loss_fn = lambda p: stage_loss(stage, p, state.model_state, x, targets, True, key, head_input=head_input)  # noqa: E731
+    (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state = apply_updates(stage, state, grads, out.model_state)
     return new_state, jax.lax.stop_gradient(out.features), {"loss": loss, "accuracy": accuracy(out.output, targets)}
 
@@ -70,8 +77,14 @@ def stage_step(
 
     Returns ``(new_state, wire, metrics)``: ``wire`` is what crosses to the next stage (the features
     themselves without a codec); ``state.codec`` is the codec's updated state. ``key`` is split into the
-    layers' and the codec's keys (:func:`dgl_jax.objective.split_key`)."""
+    layers' and the codec's keys (:func:`dgl_jax.objective.split_key`). A stage whose head reads its wire
+    (``Stage.head_reads_wire``) encodes first and trains its head on the decoded wire
+    (:func:`dgl_jax.objective.wire_first`)."""
     k_layers, k_codec = split_key(key)
+    if reads_wire(stage):
+        codec_state, wire, decoded = wire_first(stage, state.params, state.model_state, state.codec, x, key)
+        new_state, _, metrics = local_update(stage, state, x, targets, k_layers, head_input=decoded)
+        return new_state._replace(codec=codec_state), wire, metrics
     new_state, feats, metrics = local_update(stage, state, x, targets, k_layers)
     codec_state, wire = encode_message(stage, state.codec, feats, k_codec)
     return new_state._replace(codec=codec_state), wire, metrics

@@ -32,6 +32,8 @@ train (a codec added to a finished group gets a cell of its own, ``d8/seed0+vq-p
 trains from its seed's initial weights and batches whatever cell it is in; in ``--mode loop``, the CPU default,
 its figures are bitwise those it would have had in company, while ``vmap`` pads codebooks to the group's
 largest) and the table holds them all. A different train config in an existing folder is refused.
+``--head-reads-wire``: every quantized stage trains its auxiliary head on the decoded wire it sends, with a
+straight-through gradient to its block (``Stage.head_reads_wire``); part of the train config, so a grid of its own.
 Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells and the running cell's state stay, exit 130.
 """
 
@@ -39,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import functools
 import json
 import math
@@ -106,6 +109,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N training examples (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each cell after this many steps (0: all epochs)")
     p.add_argument("--mode", default="auto", choices=MODES, help="group members: vmap, loop (auto: loop on CPU)")
+    p.add_argument(
+        "--head-reads-wire",
+        action="store_true",
+        help="each quantized stage trains its head on its decoded wire, straight-through to its block",
+    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -226,6 +234,8 @@ def sweep_config(config: Any, args: argparse.Namespace) -> dict:
     if getattr(args, "checkpoint_every", 0) < 0:
         raise SweepError("--checkpoint-every must be an integer >= 0")
     d = {**config_to_dict(config), "train_subset": args.train_subset, "max_steps": args.max_steps}
+    if getattr(args, "head_reads_wire", False):  # absent when off: folders made before the flag keep their identity
+        d["head_reads_wire"] = True
     for k in ("seed", "codec", "devices", "parallel", "stage_groups", "executor", "method_options"):
         d.pop(k, None)  # not used by a sweep
     return json.loads(json.dumps(d))
@@ -798,6 +808,8 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
     if config.batch_size > n:
         raise SweepError(f"batch size {config.batch_size} is larger than the {n} training examples of {data.name}")
     stages = build_stages(config, data.num_classes, n // config.batch_size)
+    if args.head_reads_wire:
+        stages = [dataclasses.replace(s, head_reads_wire=True) for s in stages]
     x0 = jax.ShapeDtypeStruct((config.batch_size, *data.image_shape), jnp.float32)
     y0 = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
     shapes = boundary_shapes(stages, x0)

@@ -54,7 +54,7 @@ import jax
 import jax.numpy as jnp
 
 from dgl_jax import codecs, vq
-from dgl_jax.objective import split_key, stage_apply, stage_key
+from dgl_jax.objective import reads_wire, split_key, stage_apply, stage_key, wire_first
 from dgl_jax.stage import Stage, StageState, with_codec
 from dgl_jax.steps import _check, evaluate_batch, local_update, stack_metrics
 
@@ -274,13 +274,17 @@ def vq_dgl_step(
     new_states, per_stage = [], []
     for j, (stage, state) in enumerate(zip(stages, states, strict=True)):
         k_layers, k_codec = split_key(stage_key(key, j))
-        new_state, feats, m = local_update(stage, state, x, labels, k_layers)
+        early = j < k - 1 and reads_wire(stage)
+        if early:  # the head trains on the decoded wire: encode first
+            b, wire, x_hat = wire_first(stage, state.params, state.model_state, state.codec, x, stage_key(key, j))
+        new_state, feats, m = local_update(stage, state, x, labels, k_layers, head_input=x_hat if early else None)
         m = {**m, "distortion": nan, "coverage": nan, "perplexity": nan}
         m["nonfinite"] = ~jnp.all(jnp.isfinite(feats))
         if j < k - 1 and stage.codec is not None:
-            b, wire = stage.codec.encode(state.codec, feats, k_codec)
+            if not early:
+                b, wire = stage.codec.encode(state.codec, feats, k_codec)
+                x_hat = stage.codec.decode(wire)
             new_state = new_state._replace(codec=b)
-            x_hat = stage.codec.decode(wire)
             st = vq.stats(b.sender, wire.codes)
             m.update(distortion=vq.distortion(feats, x_hat), coverage=st.coverage, perplexity=st.perplexity)
             feats = x_hat

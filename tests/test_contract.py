@@ -229,3 +229,81 @@ class _Plain(nn.Module):
     @nn.compact
     def __call__(self, x, train):
         return nn.relu(nn.Conv(8, (3, 3))(x))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# A head that reads its stage's wire (Stage.head_reads_wire)
+# ----------------------------------------------------------------------------------------------------------
+def _wire_reading_setup(reads: bool = True):
+    import dataclasses
+
+    stages = with_codec([Stage(_Plain(), Head(), tx=sgd()) for _ in range(2)], vq(16, code_dim=4, packed=True))
+    stages = [dataclasses.replace(s, head_reads_wire=reads) for s in stages]
+    return stages, init_stage_states(stages, jax.random.key(0), X)
+
+
+def test_a_head_reading_its_wire_trains_on_the_decoded_wire_straight_through_to_its_block():
+    """Stage 0's loss is its head on decode(wire); the head's gradient is taken there, and the block's is that
+    gradient (w.r.t. the head's input) pulled back through the block, as if the quantizer were the identity."""
+    from dgl_jax.objective import split_key, stage_key
+
+    stages, states = _wire_reading_setup()
+    params, ms, cs = [s.params for s in states], [s.model_state for s in states], [s.codec for s in states]
+    key = jax.random.key(4)
+    grads, outs = jax.grad(lambda p: greedy_loss(stages, p, ms, X, Y, True, cs, key), has_aux=True)(params)
+
+    # by hand: the block's features, the wire the codec sends, the head's loss at the decoded wire
+    k_layers, k_codec = split_key(stage_key(key, 0))
+    block = lambda pb: _Plain().apply({"params": pb}, X, True)  # noqa: E731
+    feats = block(params[0]["block"])
+    _, wire = stages[0].codec.encode(cs[0], feats, k_codec)
+    q = stages[0].codec.decode(wire)
+    head_loss = lambda ph, h: optax.softmax_cross_entropy_with_integer_labels(  # noqa: E731
+        Head().apply({"params": ph}, h, True), Y
+    ).mean()
+    loss, (g_head, g_q) = jax.value_and_grad(head_loss, argnums=(0, 1))(params[0]["head"], q)
+    g_block = jax.vjp(block, params[0]["block"])[1](g_q)[0]
+    np.testing.assert_allclose(outs[0].loss, loss, rtol=1e-6)
+    chex.assert_trees_all_close(grads[0]["head"], g_head, rtol=1e-5, atol=1e-7)
+    chex.assert_trees_all_close(grads[0]["block"], g_block, rtol=1e-5, atol=1e-7)
+    assert not np.allclose(q, feats, atol=1e-3)  # the quantizer does change what the head reads
+    chex.assert_trees_all_equal(outs[0].wire, wire)  # what it reads is what it sends
+    # the float head reads the features instead: another loss and other gradients
+    plain_stages, _ = _wire_reading_setup(reads=False)
+    plain, outs_plain = jax.grad(lambda p: greedy_loss(plain_stages, p, ms, X, Y, True, cs, key), has_aux=True)(params)
+    assert not np.allclose(outs_plain[0].loss, loss)
+    assert not np.allclose(plain[0]["block"]["Conv_0"]["kernel"], g_block["Conv_0"]["kernel"])
+    chex.assert_trees_all_equal(plain[1], grads[1])  # the last stage sends nothing: unchanged
+    chex.assert_trees_all_equal(outs_plain[0].wire, wire)  # the same wire either way (pre-update params)
+
+
+def test_a_head_reading_its_wire_is_the_same_step_in_dgl_step_greedy_loss_spmd_and_the_sweep():
+    from dgl_jax.parallel import SpmdPipeline
+    from dgl_jax.steps import apply_updates
+    from dgl_jax.vq_train import VQConfig, boundary_codec, init_vq, vq_dgl_step
+
+    stages, states = _wire_reading_setup()
+    key = jax.random.key(3)
+    ref, _ = dgl_step(stages, states, X, Y, key)
+    # greedy_loss's gradients, applied, give dgl_step's states
+    params, ms, cs = [s.params for s in states], [s.model_state for s in states], [s.codec for s in states]
+    grads, outs = jax.grad(lambda p: greedy_loss(stages, p, ms, X, Y, True, cs, key), has_aux=True)(params)
+    for j in range(2):
+        st = apply_updates(stages[j], states[j], grads[j], outs[j].out.model_state)
+        chex.assert_trees_all_close(st.params, ref[j].params, rtol=1e-6, atol=1e-7)
+    # the SPMD pipeline runs the same stage step
+    mesh = jax.make_mesh((2,), ("stage",), devices=jax.devices()[:2])
+    spmd = SpmdPipeline(stages, mesh, states, X, Y)
+    st, _ = spmd.run(spmd.init(states), [(X, Y)], key)
+    want, _ = dgl_step(stages, states, X, Y, jax.random.fold_in(key, 0))
+    chex.assert_trees_all_close(spmd.unpack(st), jax.device_get(want), rtol=1e-5, atol=1e-6)
+    # the sweep's step (vq_train) trains the head on its wire too: same params as dgl_step on its codec
+    cfg = VQConfig(num_codes=16, code_dim=4)
+    plain = [Stage(s.block, s.head, tx=s.tx, head_reads_wire=True) for s in stages]
+    sweep_states = init_vq(plain, [s._replace(codec=()) for s in states], cfg, jax.random.key(9), X)
+    got, _ = vq_dgl_step(plain, cfg, sweep_states, X, Y, key)
+    coded = with_codec(plain, boundary_codec(cfg))
+    want, _ = dgl_step(coded, sweep_states, X, Y, key)
+    chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
+    flat, _ = vq_dgl_step([Stage(s.block, s.head, tx=s.tx) for s in plain], cfg, sweep_states, X, Y, key)
+    assert not np.allclose(flat[0].params["block"]["Conv_0"]["kernel"], got[0].params["block"]["Conv_0"]["kernel"])

@@ -340,3 +340,22 @@ def test_the_learning_curve_is_recorded_every_epoch_and_survives_a_resume(tmp_pa
     base = a["float32/seed0"]["members"]["float32"]["acc_curve"]
     assert rows["float32"]["curve_last_head_mean"] == [e[-1] for e in base] and rows["float32"]["curve_seeds"] == [0]
     assert "- float32 (seeds [0]): " in (part / "sweep.md").read_text()
+
+
+def test_head_reads_wire_is_a_grid_of_its_own(finished, tmp_path, capsys):
+    """``--head-reads-wire`` changes the train config (refused in a folder without it); its float32 baseline
+    is the plain one, and a quantized stage's own head, which now reads the decoded wire, scores differently."""
+    out, _ = finished
+    capsys.readouterr()
+    assert sw.main([*tiny_args(out, "vq-packed:16:4", "0"), "--head-reads-wire"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "head_reads_wire" in err[0], err
+    new = tmp_path / "wire"
+    assert sw.main([*tiny_args(new, "vq-packed:16:4", "0"), "--head-reads-wire"]) == 0
+    result = json.loads((new / "sweep.json").read_text())
+    assert result["config"]["head_reads_wire"] is True and "--head-reads-wire" in result["command"]
+    base = json.loads((out / "sweep.json").read_text())["cells"]
+    member = lambda cells, cid, name: cells[cid]["members"][name]["acc_heads"]  # noqa: E731
+    assert member(result["cells"], "float32/seed0", "float32") == member(base, "float32/seed0", "float32")
+    wire, plain = member(result["cells"], "d4/seed0", "vq-packed:16:4"), member(base, "d4/seed0", "vq-packed:16:4")
+    assert wire[0] != plain[0], (wire, plain)
