@@ -223,7 +223,8 @@ def evaluate_batch(
 ) -> EvalOutput:
     """Scores every head in one pass through the trunk (eval mode, no randomness); each boundary's message
     goes through its codec (``decode(encode(.))`` with the sender's codec state, as a deployed pipeline
-    would). The ensemble predicts ``argmax_c sum_j w_j softmax(output_j)_c`` over the classifier heads
+    would), and a head that reads its wire (``Stage.head_reads_wire``) scores the decoded message. The
+    ensemble predicts ``argmax_c sum_j w_j softmax(output_j)_c`` over the classifier heads
     (``weights``: ``[K]``, default :func:`ensemble_weights`). ``mask``: ``[batch]`` bool, False for padding
     rows: they count neither as correct nor in the loss. Losses are ``loss_fn`` per example, summed."""
     _check(stages, states)
@@ -234,7 +235,10 @@ def evaluate_batch(
     for j, (stage, state) in enumerate(zip(stages, states, strict=True)):
         out = stage_apply(stage, state.params, state.model_state, x, train=False)
         if j < k - 1:
-            x = decode_message(stage, encode_message(stage, state.codec, out.features)[1])
+            sent = decode_message(stage, encode_message(stage, state.codec, out.features)[1])
+            if reads_wire(stage):  # its head was trained on what it sends: score it there
+                out = stage_apply(stage, state.params, state.model_state, x, train=False, head_input=sent)
+            x = sent
         if out.output is None:
             correct.append(jnp.zeros((), jnp.int32))
             losses.append(jnp.zeros((), jnp.float32))

@@ -307,3 +307,23 @@ def test_a_head_reading_its_wire_is_the_same_step_in_dgl_step_greedy_loss_spmd_a
     chex.assert_trees_all_close(got, want, rtol=1e-6, atol=1e-7)
     flat, _ = vq_dgl_step([Stage(s.block, s.head, tx=s.tx) for s in plain], cfg, sweep_states, X, Y, key)
     assert not np.allclose(flat[0].params["block"]["Conv_0"]["kernel"], got[0].params["block"]["Conv_0"]["kernel"])
+
+
+def test_a_head_reading_its_wire_is_scored_on_the_decoded_wire():
+    from dgl_jax.steps import evaluate_batch
+
+    stages, states = _wire_reading_setup()
+    states, _ = dgl_step(stages, states, X, Y, jax.random.key(1))  # a seeded codebook
+    feats = _Plain().apply({"params": states[0].params["block"]}, X, False)
+    sent = stages[0].codec.decode(stages[0].codec.encode(states[0].codec, feats)[1])
+    logits = {"sent": Head().apply({"params": states[0].params["head"]}, sent, False),
+              "feats": Head().apply({"params": states[0].params["head"]}, feats, False)}  # fmt: skip
+    hits = {k: int(jnp.sum(jnp.argmax(v, -1) == Y)) for k, v in logits.items()}
+    got = evaluate_batch(stages, states, X, Y)
+    plain = evaluate_batch(_wire_reading_setup(reads=False)[0], states, X, Y)
+    assert int(got.per_head[0]) == hits["sent"] and int(plain.per_head[0]) == hits["feats"]
+    np.testing.assert_allclose(
+        got.loss[0], optax.softmax_cross_entropy_with_integer_labels(logits["sent"], Y).sum(), rtol=1e-5
+    )
+    assert not np.allclose(got.loss[0], plain.loss[0])
+    assert int(got.per_head[1]) == int(plain.per_head[1])  # the last head reads the same decoded message
