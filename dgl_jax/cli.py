@@ -78,6 +78,7 @@ _FIELDS = [
     ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
     ("--image-size", "image_size", int, "imagenet2012 (grain): S of the [S,S,3] images (resize to S*256/224, crop S)"),
     ("--codec", "codec", str, "boundary codec (dgl, async): identity, bfloat16, vq:K:d, vq-packed:K:d"),
+    ("--head-reads-wire", "head_reads_wire", boolean, "each stage's head trains on its decoded wire (true/false)"),
     ("--devices", "devices", int, "local devices to use (default: all; CPU: 1 unless fake devices are set)"),
     ("--parallel", "parallel", str, "data (default), stages, or stages+data: how the devices share the work"),
     ("--stage-groups", "stage_groups", int, "positions on the stage axis (default: one per stage)"),
@@ -101,7 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--preset", help=f"start from a paper recipe: one of {', '.join(PRESETS)}")
     for flag, field, typ, text in _FIELDS:
-        train.add_argument(flag, dest=field, type=typ, default=None, help=text)
+        flag_only = {"nargs": "?", "const": True} if typ is boolean else {}  # --augment means --augment true
+        train.add_argument(flag, dest=field, type=typ, default=None, help=text, **flag_only)
     train.add_argument(
         "--method-option",
         dest="method_options",

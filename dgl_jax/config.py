@@ -43,6 +43,8 @@ class TrainConfig:
     centre crop S, on the host; ``None``: the dataset's default, 224), an error for any other dataset;
     ``codec``: the boundary codec of every stage boundary (:func:`dgl_jax.codecs.parse_codec` syntax, e.g.
     ``vq-packed:16:4``; ``None``: float32 messages), for the methods that send messages (dgl, async);
+    ``head_reads_wire``: every stage with a codec trains its auxiliary head on its decoded wire, straight-through
+    to its block (``Stage.head_reads_wire``; needs ``codec``);
     ``devices`` (``None``: all local devices; the command line's default), ``parallel``, ``stage_groups``
     and ``executor``: how the run uses its devices (:mod:`dgl_jax.devices`); with ``executor='ray'``,
     ``ray_address`` (``None``: a local Ray instance) and ``ray_checkpoint_every`` (updates between the
@@ -75,6 +77,7 @@ class TrainConfig:
     loader: str = "memory"
     image_size: int | None = None
     codec: str | None = None
+    head_reads_wire: bool = False
     devices: int | None = 1
     parallel: str = "data"
     stage_groups: int | None = None
@@ -182,6 +185,10 @@ def validate_config(config: TrainConfig) -> None:
         parse_codec(config.codec)
         if not method.codecs:
             raise ValueError(f"--codec applies to methods that send messages between stages, not {config.method!r}")
+    if not isinstance(config.head_reads_wire, bool):
+        bad("head reads wire", config.head_reads_wire, "true or false")
+    if config.head_reads_wire and config.codec is None:
+        raise ValueError("--head-reads-wire needs --codec: a head reads its stage's decoded wire")
     method.validate(config)
 
 
@@ -207,4 +214,7 @@ def build_stages(config: TrainConfig, num_classes: int, steps_per_epoch: int) ->
         decay_epochs=config.decay_epochs,
         decay_factor=config.decay_factor,
     )
-    return with_optimizer(stages, lambda j: tx())
+    stages = with_optimizer(stages, lambda j: tx())
+    if config.head_reads_wire:
+        stages = [dataclasses.replace(s, head_reads_wire=True) for s in stages]
+    return stages

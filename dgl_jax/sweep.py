@@ -33,7 +33,8 @@ trains from its seed's initial weights and batches whatever cell it is in; in ``
 its figures are bitwise those it would have had in company, while ``vmap`` pads codebooks to the group's
 largest) and the table holds them all. A different train config in an existing folder is refused.
 ``--head-reads-wire``: every quantized stage trains its auxiliary head on the decoded wire it sends, with a
-straight-through gradient to its block (``Stage.head_reads_wire``); part of the train config, so a grid of its own.
+straight-through gradient to its block (``TrainConfig.head_reads_wire``); part of the train config, so a grid of its
+own.
 Bad input: one line on stderr, exit 2. Ctrl-C: the finished cells and the running cell's state stay, exit 130.
 """
 
@@ -57,7 +58,7 @@ import numpy as np
 
 from dgl_jax import cells as cells_lib
 from dgl_jax import provenance
-from dgl_jax.arguments import decay_list, int_list, key_value
+from dgl_jax.arguments import boolean, decay_list, int_list, key_value
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -93,6 +94,7 @@ TRAIN_FLAGS = [
     ("--decay-epochs", "decay_epochs", decay_list, "LR step schedule: every N epochs, at E1,E2,..., or none"),
     ("--decay-factor", "decay_factor", float, "LR multiplier at each decay"),
     ("--dtype", "dtype", str, "compute dtype: float32, bfloat16, float16"),
+    ("--head-reads-wire", "head_reads_wire", boolean, "each quantized stage trains its head on its decoded wire"),
 ]
 
 
@@ -102,18 +104,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", default="0", help="comma-separated distinct seeds (default 0)")
     p.add_argument("--out", required=True, help="run folder (re-run the same command there to resume)")
     for flag, field, typ, text in TRAIN_FLAGS:
-        p.add_argument(flag, dest=field, type=typ, default=None, help=text)
+        flag_only = {"nargs": "?", "const": True} if typ is boolean else {}  # --flag means --flag true
+        p.add_argument(flag, dest=field, type=typ, default=None, help=text, **flag_only)
     p.add_argument(
         "--model-option", dest="model_options", type=key_value, action="append", default=[], metavar="KEY=VALUE"
     )
     p.add_argument("--train-subset", type=int, default=0, help="train on the first N training examples (0: all)")
     p.add_argument("--max-steps", type=int, default=0, help="stop each cell after this many steps (0: all epochs)")
     p.add_argument("--mode", default="auto", choices=MODES, help="group members: vmap, loop (auto: loop on CPU)")
-    p.add_argument(
-        "--head-reads-wire",
-        action="store_true",
-        help="each quantized stage trains its head on its decoded wire, straight-through to its block",
-    )
     p.add_argument(
         "--checkpoint-every",
         type=int,
@@ -218,7 +216,7 @@ def train_config(args: argparse.Namespace) -> Any:
         explicit["model_options"] = dict(args.model_options)
     try:
         config = TrainConfig(method="dgl", **explicit)
-        validate_config(config)
+        validate_config(dataclasses.replace(config, head_reads_wire=False))  # the codecs are the members
     except (ValueError, TypeError) as e:
         raise SweepError(str(e).splitlines()[0]) from None
     return config
@@ -234,8 +232,8 @@ def sweep_config(config: Any, args: argparse.Namespace) -> dict:
     if getattr(args, "checkpoint_every", 0) < 0:
         raise SweepError("--checkpoint-every must be an integer >= 0")
     d = {**config_to_dict(config), "train_subset": args.train_subset, "max_steps": args.max_steps}
-    if getattr(args, "head_reads_wire", False):  # absent when off: folders made before the flag keep their identity
-        d["head_reads_wire"] = True
+    if not d.get("head_reads_wire"):  # absent when off: folders made before the option keep their identity
+        d.pop("head_reads_wire", None)
     for k in ("seed", "codec", "devices", "parallel", "stage_groups", "executor", "method_options"):
         d.pop(k, None)  # not used by a sweep
     return json.loads(json.dumps(d))
@@ -808,8 +806,6 @@ def _run(args, out: Path, names: list[str], seeds: list[int], config: Any, ident
     if config.batch_size > n:
         raise SweepError(f"batch size {config.batch_size} is larger than the {n} training examples of {data.name}")
     stages = build_stages(config, data.num_classes, n // config.batch_size)
-    if args.head_reads_wire:
-        stages = [dataclasses.replace(s, head_reads_wire=True) for s in stages]
     x0 = jax.ShapeDtypeStruct((config.batch_size, *data.image_shape), jnp.float32)
     y0 = jax.ShapeDtypeStruct((config.batch_size,), jnp.int32)
     shapes = boundary_shapes(stages, x0)

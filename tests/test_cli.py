@@ -111,6 +111,8 @@ def test_interrupt_then_resume_matches_straight_run(straight_run, tmp_path):
         (["--preset", "nope"], ["nope", "learning_curves"]),
         (["--epochs", "two"], ["two", "int"]),
         (["--dataset", "cifar10", "--data-dir", "EMPTY"], ["cifar10", "tfds build"]),
+        (["--head-reads-wire"], ["--head-reads-wire needs --codec"]),
+        (["--codec", "vq:16:4", "--head-reads-wire", "maybe"], ["maybe", "true/false"]),
     ],
 )
 def test_bad_input_exit_2_one_line_no_folder(tmp_path, capsys, args, needles):

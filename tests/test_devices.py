@@ -91,6 +91,17 @@ def test_vq_codec_bytes_are_measured_on_the_stage_parallel_wire(small):
     assert w["measured"] == w["accounted"] and 8 * w["measured"] < float_trainer.wire_bytes["measured"]
 
 
+def test_heads_reading_their_wire_train_alike_on_one_device_and_stage_parallel_threads(small):
+    kw = dict(codec="vq-packed:16:4", head_reads_wire=True, epochs=1, chunk_steps=9)
+    trainer, one = trained(small, **kw)
+    assert all(s.head_reads_wire for s in trainer.stages)
+    _, threads = trained(small, devices=3, parallel="stages", executor="threads", **kw)
+    chex.assert_trees_all_close(jax.device_get(threads.stages), jax.device_get(one.stages), rtol=1e-5, atol=1e-6)
+    _, plain = trained(small, **{**kw, "head_reads_wire": False})
+    a, b = (jax.device_get(s.stages[0].params["block"]) for s in (one, plain))
+    assert not all(np.allclose(x, y, atol=1e-6) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
 def test_data_parallel_step_matches_one_device_and_resume_is_bit_identical(small, tmp_path):
     one = Trainer(dataclasses.replace(BASE, chunk_steps=1), dataset=small, log=lambda s: None)
     four = Trainer(dataclasses.replace(BASE, chunk_steps=1, devices=4), dataset=small, log=lambda s: None)
