@@ -54,8 +54,9 @@ def test_lockstep_one_item_buffers_make_the_threaded_executors_updates(cluster):
         manifest = json.loads((ex.directory / "manifest.json").read_text())
     assert th.updates.tolist() == [r["updates"] for r in seg.records] == [6, 6, 6]
     for j in range(3):  # the same losses, update by update, and the same final states
-        np.testing.assert_allclose(seg.records[j]["loss"], th.loss[j], rtol=1e-6)
-    chex.assert_trees_all_close(jax.device_get(th.states), seg.states, rtol=1e-6, atol=1e-7)
+        np.testing.assert_allclose(seg.records[j]["loss"], th.loss[j], rtol=1e-5)
+    # Up to float reassociation: the actors' processes may split XLA's CPU reductions over other thread counts.
+    chex.assert_trees_all_close(jax.device_get(th.states), seg.states, rtol=1e-5, atol=1e-6)
     assert [r["bytes_sent"] for r in seg.records] == th.bytes_sent.tolist()
     assert th.bytes_sent[0] > th.bytes_sent[1] > 0 == th.bytes_sent[2]
     assert len({a["pid"] for a in manifest["actors"]}) == 3 and os.getpid() not in {
