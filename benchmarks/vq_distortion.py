@@ -14,6 +14,11 @@ trained network sends, at what each codec's wire costs. Steps:
 3. on ``--eval-batches`` test batches, with the codec states frozen, the relative squared error
    ``sum ||x - decode(encode(x))||^2 / sum ||x||^2`` per boundary.
 
+Resumable codec by codec: the JSON is rewritten after each codec (``complete`` false until the last), and the
+trained network is kept next to it (``<out>.states``, git-ignored), so a re-run with the same settings skips
+the training and the codecs already measured; codecs added to ``--codecs`` are measured on the same network.
+Other settings in an existing ``--out`` stop the run with one line.
+
 Bytes are the ``nbytes`` of one step's wires over all boundaries (:func:`dgl_jax.codecs.wire_bytes`: packed codes
 plus the codebook on every send); ``ratio`` is float32's bytes over the codec's. Distortion on a frozen network is
 a proxy: in training the features adapt to the codec. The JSON holds, per codec, bytes, ratio and per-boundary
@@ -23,6 +28,7 @@ distortion per seed with its mean and std over seeds.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,12 +36,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import serialization
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import machine, write_json  # noqa: E402
 
-from dgl_jax import codecs, provenance  # noqa: E402
+from dgl_jax import codecs, files, provenance  # noqa: E402
 from dgl_jax.config import TrainConfig, build_stages, validate_config  # noqa: E402
 from dgl_jax.data import load_dataset  # noqa: E402
 from dgl_jax.stage import init_stage_states  # noqa: E402
@@ -104,29 +111,71 @@ def main(argv: list[str] | None = None) -> dict:
     if args.tiny:
         args.codec_steps, args.eval_batches = min(args.codec_steps, 8), min(args.eval_batches, 2)
 
+    settings = {
+        "config": {k: v for k, v in vars(config).items() if not k.startswith("_")},
+        "train_seed": args.train_seed,
+        "train_steps": train_steps,
+        "seeds": seeds,
+        "codec_steps": args.codec_steps,
+        "eval_batches": min(args.eval_batches, len(data.test_labels) // config.batch_size),
+    }
+    out, states_path = Path(args.out), Path(args.out + ".states")
+    stored = json.loads(out.read_text()) if out.exists() else {}
+    if stored and {k: stored.get(k) for k in settings} != files.json_clean(settings):
+        p.error(f"{out} holds a run with other settings; pass another --out or delete it")
+    results = {k: v for k, v in stored.get("codecs", {}).items() if k in named}
+
     stages = build_stages(config, data.num_classes, steps_per_epoch)
     x0 = jnp.zeros((config.batch_size, *data.image_shape), jnp.float32)
     states = init_stage_states(stages, jax.random.key(args.train_seed), x0)
-    step = jax.jit(lambda s, x, y, k: dgl_step(stages, s, x, y, k), donate_argnums=0)
-    t0 = time.perf_counter()
-    key = jax.random.key(args.train_seed)
-    train = batches(data.train_images, data.train_labels, config.batch_size, args.train_seed, train_steps)
-    for i, (x, y) in enumerate(train):
-        states, metrics = step(states, x, y, jax.random.fold_in(key, i))
-        if (i + 1) % 100 == 0 or i + 1 == train_steps:
-            print(f"float32 DGL step {i + 1}/{train_steps}: loss {np.asarray(metrics['loss']).round(3)}", flush=True)
-    train_s = time.perf_counter() - t0
+    train_s = stored.get("train_seconds")
+    if stored and states_path.exists():  # the network this JSON's codecs were measured on
+        states = serialization.from_bytes(states, states_path.read_bytes())
+        print(f"float32 DGL: the trained network of {out} ({states_path})", flush=True)
+    else:
+        results = {}  # a new network: every codec is measured again
+        step = jax.jit(lambda s, x, y, k: dgl_step(stages, s, x, y, k), donate_argnums=0)
+        t0 = time.perf_counter()
+        key = jax.random.key(args.train_seed)
+        train = batches(data.train_images, data.train_labels, config.batch_size, args.train_seed, train_steps)
+        for i, (x, y) in enumerate(train):
+            states, metrics = step(states, x, y, jax.random.fold_in(key, i))
+            if (i + 1) % 100 == 0 or i + 1 == train_steps:
+                print(f"float32 DGL step {i + 1}/{train_steps}: loss {np.asarray(metrics['loss']).round(3)}",
+                      flush=True)  # fmt: skip
+        train_s = time.perf_counter() - t0
+        states_path.parent.mkdir(parents=True, exist_ok=True)
+        files.write_atomic(states_path, serialization.to_bytes(jax.device_get(states)))
     feats = lambda x: message_features(stages, states, x)  # noqa: E731
     shapes = [tuple(f.shape) for f in jax.eval_shape(feats, x0)]
     float32_bytes = sum(int(np.prod(s)) * 4 for s in shapes)
     test = [
         jnp.asarray(data.test_images[i * config.batch_size : (i + 1) * config.batch_size], jnp.float32)
-        for i in range(min(args.eval_batches, len(data.test_labels) // config.batch_size))
+        for i in range(settings["eval_batches"])
     ]
     test_feats = [feats(x) for x in test]
 
-    results = {}
+    def write() -> dict:
+        payload = {
+            "benchmark": "vq_distortion",
+            "command": provenance.command(
+                "python benchmarks/vq_distortion.py", argv if argv is not None else sys.argv[1:]
+            ),
+            **settings,
+            "train_seconds": train_s,
+            "boundary_shapes": [list(s) for s in shapes],
+            "float32_bytes": float32_bytes,
+            "complete": len(results) == len(named),
+            "codecs": {k: results[k] for k in named if k in results},  # in --codecs order
+            "machine": machine(),
+        }
+        write_json(out, payload)
+        return json.loads(out.read_text())  # as written
+
     for name, codec in named.items():
+        if name in results:
+            print(f"{name}: measured already", flush=True)
+            continue
         encode = jax.jit(codec.encode)
         decode = jax.jit(codec.decode)
         per_seed, wire_bytes, t_codec = [], None, time.perf_counter()
@@ -135,11 +184,11 @@ def main(argv: list[str] | None = None) -> dict:
             stream = batches(data.train_images, data.train_labels, config.batch_size, 1000 + seed, args.codec_steps)
             for t, (x, _) in enumerate(stream):
                 k = jax.random.fold_in(jax.random.key(seed), t)
-                out = [
+                encoded = [
                     encode(c, f, jax.random.fold_in(k, j))
                     for j, (c, f) in enumerate(zip(cstates, feats(x), strict=True))
                 ]
-                cstates = [o[0] for o in out]
+                cstates = [o[0] for o in encoded]
             err, norm = np.zeros(len(shapes)), np.zeros(len(shapes))
             for fs in test_feats:
                 # the frozen codebooks' codes (the new states are dropped)
@@ -158,27 +207,14 @@ def main(argv: list[str] | None = None) -> dict:
             "distortion_std": d.std(0, ddof=1).tolist() if len(seeds) > 1 else None,
             "distortion_all_mean": float(d.mean()),
             "seconds": time.perf_counter() - t_codec,
+            "git_sha": provenance.git_sha(),  # the checkout that measured this codec (a resumed run may mix)
         }
         print(f"{name}: {wire_bytes} B/step ({results[name]['ratio']:.1f}x), distortion per boundary "
               f"{np.round(d.mean(0), 4).tolist()}", flush=True)  # fmt: skip
+        write()
 
-    payload = {
-        "benchmark": "vq_distortion",
-        "command": provenance.command("python benchmarks/vq_distortion.py", argv if argv is not None else sys.argv[1:]),
-        "config": {k: v for k, v in vars(config).items() if not k.startswith("_")},
-        "train_seed": args.train_seed,
-        "train_steps": train_steps,
-        "train_seconds": train_s,
-        "seeds": seeds,
-        "codec_steps": args.codec_steps,
-        "eval_batches": len(test),
-        "boundary_shapes": [list(s) for s in shapes],
-        "float32_bytes": float32_bytes,
-        "codecs": results,
-        "machine": machine(),
-    }
-    write_json(args.out, payload)
-    print(f"wrote {args.out}")
+    payload = write()
+    print(f"wrote {out}")
     return payload
 
 
