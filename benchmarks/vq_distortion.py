@@ -3,8 +3,8 @@
     python benchmarks/vq_distortion.py            # Fashion-MNIST, cnn4 x0.5, mlp-sr: 1 epoch, then the codecs
     python benchmarks/vq_distortion.py --tiny     # digits, seconds; used by the tests
 
-A screening step before a converged accuracy cell: it ranks codecs by how well they reconstruct the features a
-trained network sends, at what each codec's wire costs. Steps:
+A screening step before a converged accuracy cell: it ranks codecs (and a codec's options) by how well they
+reconstruct the features a trained network sends, at what each codec's wire costs. Steps:
 
 1. float32 DGL trains the sweep's recipe (``python -m dgl_jax sweep``'s model, heads and optimizer) for
    ``--train-steps`` steps with ``--train-seed``; the network is then frozen;
@@ -50,12 +50,14 @@ from dgl_jax.steps import dgl_step  # noqa: E402
 from dgl_jax.vq_train import message_features  # noqa: E402
 
 # Pairs at equal code bits per pixel group: product VQ (one level, K codes) against residual VQ (L levels of
-# K**(1/L) codes), at code dim 8 and 16.
+# K**(1/L) codes), at code dim 8 and 16; then vq-packed:256:16's options one at a time: k-means++ seeding, a
+# faster EMA, no dead-code restarts.
 CODECS = (
     "vq-packed:64:8,vq-packed:8:8:levels=2,"
     "vq-packed:256:8,vq-packed:16:8:levels=2,vq-packed:4:8:levels=4,"
     "vq-packed:16:16,vq-packed:4:16:levels=2,"
-    "vq-packed:256:16,vq-packed:16:16:levels=2"
+    "vq-packed:256:16,vq-packed:16:16:levels=2,"
+    "vq-packed:256:16:init=kmeans++,vq-packed:256:16:decay=0.9,vq-packed:256:16:restart=0"
 )
 TINY_CODECS = "vq-packed:16:4,vq-packed:4:4:levels=2"
 
