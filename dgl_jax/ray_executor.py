@@ -146,6 +146,7 @@ class Options(NamedTuple):
     queue_size: int = 4
     checkpoint_every: int = 100
     injected: asy.Injected = asy.Injected()  # slow-down, link latency and bandwidth
+    restart_timeout_s: float = 600.0  # how long a dead actor may take to come back (it imports jax, compiles)
 
 
 def _host(tree: PyTree) -> PyTree:
@@ -538,6 +539,10 @@ class RayExecutor:
 
         pending = {issue(j): j for j in range(self.k)}
         results: list[dict | None] = [None] * self.k
+        # Restarted stages whose sender has not finished yet. The sender's end-of-segment delivery may have
+        # been lost with the dead actor, so the driver sends the end itself once the sender is done (an end
+        # the stage already has is harmless: later ones of a finished segment are skipped).
+        needs_end: set[int] = set()
         last_poll = time.monotonic()
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=poll_s)
@@ -546,13 +551,17 @@ class RayExecutor:
                 try:
                     results[j] = ray.get(ref)
                 except ray.exceptions.RayActorError:
-                    event = self._restarted(j, seen[j])
+                    event = self._restarted(j, seen[j], self.options.restart_timeout_s)
                     restarts.append(event)
                     pending[issue(j)] = j
-                    if j > 0 and results[j - 1] is not None:  # its sender is done: the end goes to the new inbox
-                        self.actors[j].end_segment.remote(seg)
+                    if j > 0:
+                        needs_end.add(j)
                 except ray.exceptions.RayTaskError as e:
                     raise RuntimeError(f"stage {j} failed: {_first_line(e.cause or e)}") from None
+            for j in sorted(needs_end):
+                if results[j - 1] is not None:  # its sender is done: the end goes to the new inbox
+                    self.actors[j].end_segment.remote(seg)
+                    needs_end.discard(j)
             if time.monotonic() - last_poll > 1.0:  # how far each stage got (the manifest's record of a loss)
                 last_poll = time.monotonic()
                 for j in pending.values():
@@ -565,11 +574,13 @@ class RayExecutor:
         self.write_manifest("running", last_segment={"segment": seg, "seconds": seconds, "target": target})
         return Segment(states_out, results, seconds, restarts)
 
-    def _restarted(self, j: int, last_seen: int, timeout_s: float = 90.0) -> dict:
+    def _restarted(self, j: int, last_seen: int, timeout_s: float) -> dict:
         """Waits for Ray to restart actor ``j`` (``RuntimeError`` if it does not come back) and records it."""
         ray = import_ray()
         deadline = time.monotonic() + timeout_s
         while True:
+            if self._closed:
+                raise RuntimeError(f"the executor was closed while stage {j}'s actor was restarting")
             try:
                 info = ray.get(self.actors[j].info.remote(), timeout=10)
                 break

@@ -30,6 +30,11 @@ X = np.asarray(jax.random.normal(jax.random.key(1), (T, 16, 8, 8, 1)))
 Y = np.asarray(jax.random.randint(jax.random.key(2), (T, 16), 0, 10))
 BATCHES = [(X[t], Y[t]) for t in range(T)]
 
+# How long a test waits for something that must happen (a checkpoint, a restarted actor, a process exit) before
+# it fails: a bound on liveness, not a timing. Generous, because a restarted actor imports jax and compiles
+# again, which takes minutes on a loaded 2-core machine.
+WAIT_S = 600
+
 
 @pytest.fixture(scope="module")
 def cluster():
@@ -48,7 +53,7 @@ def model(k):
 def test_lockstep_one_item_buffers_make_the_threaded_executors_updates(cluster):
     stages, states = model(3)
     cfg, key = A.AsyncConfig(capacity=1), jax.random.key(5)
-    th = A.run_threaded(stages, states, BATCHES, cfg, num_updates=6, lockstep=True, key=key, timeout_s=120)
+    th = A.run_threaded(stages, states, BATCHES, cfg, num_updates=6, lockstep=True, key=key, timeout_s=WAIT_S)
     with RayExecutor(stages, states, BATCHES[0], cfg, Options(lockstep=True, checkpoint_every=0), key=key) as ex:
         seg = ex.run(BATCHES, 6)
         manifest = json.loads((ex.directory / "manifest.json").read_text())
@@ -74,13 +79,13 @@ def test_killed_actor_restarts_from_its_last_checkpoint_and_the_run_completes(cl
         runner = threading.Thread(target=lambda: out.update(seg=ex.run(BATCHES, [60, None])))
         runner.start()
         ckpts = tmp_path / "stage1"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + WAIT_S
         while not [p for p in ckpts.glob("*") if p.name.isdigit() and int(p.name) >= 2 * every]:
             assert time.monotonic() < deadline and runner.is_alive(), "stage 1 never reached two checkpoints"
             time.sleep(0.05)
         progress = ray.get(ex.actors[1].progress.remote())
         os.kill(ex.infos[1]["pid"], signal.SIGKILL)
-        runner.join(120)
+        runner.join(WAIT_S)
         assert not runner.is_alive()
         seg = out["seg"]
         (event,) = seg.restarts
@@ -113,18 +118,18 @@ def test_ctrl_c_stops_the_actors_and_resume_completes(cluster, tmp_path):
         line = proc.stdout.readline()
         assert line or proc.poll() is None, proc.stderr.read()
     proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    _, err = proc.communicate(timeout=WAIT_S)
     assert proc.returncode == 130, err
     assert "--resume" in err.splitlines()[-1]
     assert json.loads((run / "summary.json").read_text())["status"] == "interrupted"
     manifest = json.loads((run / "ray" / "manifest.json").read_text())
     assert manifest["status"] == "interrupted"
-    deadline = time.monotonic() + 30  # every actor's process is gone
+    deadline = time.monotonic() + WAIT_S  # every actor's process is gone
     while any(_alive(a["pid"]) for a in manifest["actors"]):
         assert time.monotonic() < deadline, manifest["actors"]
         time.sleep(0.1)
     res = _cli(["--resume", str(run), "--ray-address", cluster])
-    out, err = res.communicate(timeout=180)
+    out, err = res.communicate(timeout=WAIT_S)
     assert res.returncode == 0, err
     assert "resumed" in out and "epoch 1 step 0" in out
     summary = json.loads((run / "summary.json").read_text())
