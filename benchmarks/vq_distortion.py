@@ -14,7 +14,8 @@ reconstruct the features a trained network sends, at what each codec's wire cost
 3. on ``--eval-batches`` test batches, with the codec states frozen, the relative squared error
    ``sum ||x - decode(encode(x))||^2 / sum ||x||^2`` per boundary.
 
-Resumable codec by codec: the JSON is rewritten after each codec (``complete`` false until the last), and the
+Resumable codec by codec (a grid of :mod:`dgl_jax.cells`, one cell per codec, with its commit and machine):
+the JSON is rewritten after each codec (``complete`` false until the last), and the
 trained network is kept next to it (``<out>.states``, git-ignored), so a re-run with the same settings skips
 the training and the codecs already measured; codecs added to ``--codecs`` are measured on the same network.
 Other settings in an existing ``--out`` stop the run with one line.
@@ -28,6 +29,7 @@ distortion per seed with its mean and std over seeds.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import time
@@ -40,11 +42,12 @@ from flax import serialization
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import machine, write_json  # noqa: E402
+from common import machine  # noqa: E402
 
-from dgl_jax import codecs, files, provenance  # noqa: E402
+from dgl_jax import cells, codecs, provenance  # noqa: E402
 from dgl_jax.config import TrainConfig, build_stages, validate_config  # noqa: E402
 from dgl_jax.data import load_dataset  # noqa: E402
+from dgl_jax.files import write_atomic  # noqa: E402
 from dgl_jax.stage import init_stage_states  # noqa: E402
 from dgl_jax.steps import dgl_step  # noqa: E402
 from dgl_jax.vq_train import message_features  # noqa: E402
@@ -122,20 +125,20 @@ def main(argv: list[str] | None = None) -> dict:
         "eval_batches": min(args.eval_batches, len(data.test_labels) // config.batch_size),
     }
     out, states_path = Path(args.out), Path(args.out + ".states")
-    stored = json.loads(out.read_text()) if out.exists() else {}
-    if stored and {k: stored.get(k) for k in settings} != files.json_clean(settings):
-        p.error(f"{out} holds a run with other settings; pass another --out or delete it")
-    results = {k: v for k, v in stored.get("codecs", {}).items() if k in named}
+    try:
+        stored = cells.open_grid(out, settings)
+    except cells.GridError as e:
+        p.error(str(e).splitlines()[0])
 
     stages = build_stages(config, data.num_classes, steps_per_epoch)
     x0 = jnp.zeros((config.batch_size, *data.image_shape), jnp.float32)
     states = init_stage_states(stages, jax.random.key(args.train_seed), x0)
     train_s = stored.get("train_seconds")
-    if stored and states_path.exists():  # the network this JSON's codecs were measured on
+    if stored["cells"] and states_path.exists():  # the network this JSON's codecs were measured on
         states = serialization.from_bytes(states, states_path.read_bytes())
         print(f"float32 DGL: the trained network of {out} ({states_path})", flush=True)
     else:
-        results = {}  # a new network: every codec is measured again
+        out.unlink(missing_ok=True)  # a new network: every codec is measured again
         step = jax.jit(lambda s, x, y, k: dgl_step(stages, s, x, y, k), donate_argnums=0)
         t0 = time.perf_counter()
         key = jax.random.key(args.train_seed)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                       flush=True)  # fmt: skip
         train_s = time.perf_counter() - t0
         states_path.parent.mkdir(parents=True, exist_ok=True)
-        files.write_atomic(states_path, serialization.to_bytes(jax.device_get(states)))
+        write_atomic(states_path, serialization.to_bytes(jax.device_get(states)))
     feats = lambda x: message_features(stages, states, x)  # noqa: E731
     shapes = [tuple(f.shape) for f in jax.eval_shape(feats, x0)]
     float32_bytes = sum(int(np.prod(s)) * 4 for s in shapes)
@@ -157,30 +160,10 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     test_feats = [feats(x) for x in test]
 
-    def write() -> dict:
-        payload = {
-            "benchmark": "vq_distortion",
-            "command": provenance.command(
-                "python benchmarks/vq_distortion.py", argv if argv is not None else sys.argv[1:]
-            ),
-            **settings,
-            "train_seconds": train_s,
-            "boundary_shapes": [list(s) for s in shapes],
-            "float32_bytes": float32_bytes,
-            "complete": len(results) == len(named),
-            "codecs": {k: results[k] for k in named if k in results},  # in --codecs order
-            "machine": machine(),
-        }
-        write_json(out, payload)
-        return json.loads(out.read_text())  # as written
-
-    for name, codec in named.items():
-        if name in results:
-            print(f"{name}: measured already", flush=True)
-            continue
+    def measure(name: str, codec: codecs.Codec) -> dict:
         encode = jax.jit(codec.encode)
         decode = jax.jit(codec.decode)
-        per_seed, wire_bytes, t_codec = [], None, time.perf_counter()
+        per_seed, wire_bytes = [], None
         for seed in seeds:
             cstates = [codec.init(jax.ShapeDtypeStruct(s, jnp.float32), jax.random.key(seed)) for s in shapes]
             stream = batches(data.train_images, data.train_labels, config.batch_size, 1000 + seed, args.codec_steps)
@@ -201,23 +184,31 @@ def main(argv: list[str] | None = None) -> dict:
                     norm[j] += float(jnp.sum(f**2))
             per_seed.append((err / norm).tolist())
         d = np.asarray(per_seed)  # [seeds, boundaries]
-        results[name] = {
+        print(f"{name}: {wire_bytes} B/step ({float32_bytes / wire_bytes:.1f}x), distortion per boundary "
+              f"{np.round(d.mean(0), 4).tolist()}", flush=True)  # fmt: skip
+        return {
             "wire_bytes": int(wire_bytes),
             "ratio": float32_bytes / wire_bytes,
             "distortion": per_seed,
             "distortion_mean": d.mean(0).tolist(),
             "distortion_std": d.std(0, ddof=1).tolist() if len(seeds) > 1 else None,
             "distortion_all_mean": float(d.mean()),
-            "seconds": time.perf_counter() - t_codec,
-            "git_sha": provenance.git_sha(),  # the checkout that measured this codec (a resumed run may mix)
         }
-        print(f"{name}: {wire_bytes} B/step ({results[name]['ratio']:.1f}x), distortion per boundary "
-              f"{np.round(d.mean(0), 4).tolist()}", flush=True)  # fmt: skip
-        write()
 
-    payload = write()
+    header = {
+        "benchmark": "vq_distortion",
+        "command": provenance.command("python benchmarks/vq_distortion.py", argv if argv is not None else sys.argv[1:]),
+        "seeds": seeds,
+        "train_seconds": train_s,
+        "boundary_shapes": [list(s) for s in shapes],
+        "float32_bytes": float32_bytes,
+        "machine": machine(),
+    }
+    grid_cells = [(name, functools.partial(measure, name, codec)) for name, codec in named.items()]
+    complete = lambda grid: grid.update(complete=all(n in grid["cells"] for n in named))  # noqa: E731
+    cells.run_grid(out, settings, grid_cells, header, derive=complete)
     print(f"wrote {out}")
-    return payload
+    return json.loads(out.read_text())  # as written
 
 
 if __name__ == "__main__":

@@ -108,18 +108,18 @@ def test_vq_distortion_benchmark_tiny(tmp_path):
     out, bench = tmp_path / "vq_distortion.json", load("vq_distortion")
     args = ["--tiny", "--train-steps", "5", "--seeds", "0,1", "--out", str(out)]
     first = bench.main([*args, "--codecs", "vq-packed:16:4"])
-    assert first["complete"] and list(first["codecs"]) == ["vq-packed:16:4"]
+    assert first["complete"] and list(first["cells"]) == ["vq-packed:16:4"]
     # resumed with one more codec: the kept network, the first codec's result as it was, the new one measured
     saved = bench.main(args)
     assert saved == json.loads(out.read_text()) and saved["complete"]
-    assert saved["codecs"]["vq-packed:16:4"] == first["codecs"]["vq-packed:16:4"]
+    assert saved["cells"]["vq-packed:16:4"] == first["cells"]["vq-packed:16:4"]
     with pytest.raises(SystemExit):  # other settings in the same --out: one line, nothing overwritten
         bench.main([*args[:-1], str(out), "--train-steps", "6"])
     assert json.loads(out.read_text()) == saved
     shapes = saved["boundary_shapes"]
     assert saved["float32_bytes"] == sum(4 * b * h * w * c for b, h, w, c in shapes)
     for name, levels, k in (("vq-packed:16:4", 1, 16), ("vq-packed:4:4:levels=2", 2, 4)):
-        r = saved["codecs"][name]
+        r = saved["cells"][name]
         bits = (k - 1).bit_length()
         expected = sum(b * -(-h * w * (c // 4) * levels * bits // 8) + levels * (c // 4) * k * 4 * 4
                        for b, h, w, c in shapes)  # fmt: skip
