@@ -226,11 +226,40 @@ def _scores(state: VQState, flat: jax.Array) -> jax.Array:
     return jnp.where(_active(state)[None, None], scores, jnp.inf)
 
 
+BLOCK_SCORES = 2**18
+"""On CPU, :func:`encode` searches the nearest centroids in blocks of rows whose ``[G, rows, K]`` scores hold
+about this many float32 values (1 MiB, cache-sized) instead of materialising ``[G, N, K]`` at once."""
+
+
+def block_rows(n: int, groups: int, max_codes: int, platform: str | None = None) -> int:
+    """Rows per block of :func:`encode`'s nearest-centroid search for ``n`` rows of ``groups`` groups and
+    ``max_codes`` centroids: on ``platform`` ``"cpu"`` (default: ``jax.default_backend()``) a power of two in
+    ``128..8192`` near ``BLOCK_SCORES / (groups * max_codes)``, at most ``n``; elsewhere ``n`` (one block)."""
+    platform = jax.default_backend() if platform is None else platform
+    if platform != "cpu":
+        return n
+    target = max(1, BLOCK_SCORES // (groups * max_codes))
+    return min(n, min(8192, max(128, 1 << (target.bit_length() - 1))))
+
+
+def _nearest(state: VQState, flat: jax.Array) -> jax.Array:
+    """Index ``[N, G]`` int32 of the nearest active centroid of each row of ``flat: [N, G, d]`` (first on ties),
+    in blocks of :func:`block_rows` rows (zero-padded rows at the end are dropped)."""
+    n, g, d = flat.shape
+    rows = block_rows(n, g, state.codebook.shape[1])
+    if rows >= n:
+        return jnp.argmin(_scores(state, flat), -1).T
+    blocks = jnp.pad(flat, ((0, -n % rows), (0, 0), (0, 0))).reshape(-1, rows, g, d)
+    codes = jax.lax.map(lambda b: jnp.argmin(_scores(state, b), -1), blocks)  # [blocks, G, rows]
+    return jnp.swapaxes(codes, 1, 2).reshape(-1, g)[:n]
+
+
 def encode(state: VQState, x: jax.Array, stage: str | int | None = None) -> jax.Array:
     """Nearest-centroid codes ``[batch, H, W, G]`` (dtype :func:`code_dtype` of the max codes) of
-    ``x: [batch, H, W, G * d]``; ``stage`` only names the stage in error messages."""
+    ``x: [batch, H, W, G * d]``; ``stage`` only names the stage in error messages. The search runs in blocks of
+    :func:`block_rows` rows; the codes do not depend on the block size."""
     flat = _flatten(state, x, stage)
-    codes = jnp.argmin(_scores(state, flat), -1).T  # [N, G]
+    codes = _nearest(state, flat)  # [N, G]
     return codes.astype(code_dtype(state.codebook.shape[1])).reshape(*x.shape[:-1], state.codebook.shape[0])
 
 

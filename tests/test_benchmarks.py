@@ -128,3 +128,13 @@ def test_vq_distortion_benchmark_tiny(tmp_path):
         d = r["distortion"]
         assert len(d) == 2 and all(len(row) == len(shapes) and all(0 < v < 10 for v in row) for row in d)
     assert saved["seeds"] == [0, 1] and saved["git_sha"] and saved["machine"]["platform"] == "cpu"
+
+
+def test_vq_search_benchmark_tiny(tmp_path):
+    out = tmp_path / "vq_search.json"
+    result = load("vq_search").main(["--tiny", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved == result and len(saved["rows"]) == 1
+    row = saved["rows"][0]
+    assert row["same_codes"] and row["block_rows"] == 2048 and row["speedup"] > 0  # 4608 rows: 3 blocks
+    assert row["blocks"]["repeats"] == row["one_block"]["repeats"] == 3 and saved["machine"]["platform"] == "cpu"

@@ -35,6 +35,17 @@ def test_encode_equals_numpy_nearest_neighbour(num_codes, max_codes):
     assert int(codes.max()) < num_codes  # padding codes are never chosen
 
 
+def test_blocked_nearest_search_equals_numpy_with_a_partial_last_block(monkeypatch):
+    s = vq.init(16, 4, 3, key=jax.random.key(5))
+    x = jax.random.normal(jax.random.key(6), (10, 10, 10, 12))  # 1000 rows: 7 blocks of 128 and 104 rows
+    assert vq.block_rows(1000, 3, 16, "cpu") == 1000 and vq.block_rows(1000, 3, 16, "gpu") == 1000
+    monkeypatch.setattr(vq, "BLOCK_SCORES", 3 * 16 * 128)
+    assert vq.block_rows(1000, 3, 16, "cpu") == 128 and vq.block_rows(1000, 3, 16, "tpu") == 1000
+    expected = brute_force_codes(np.asarray(s.codebook), np.asarray(x), 16)
+    np.testing.assert_array_equal(np.asarray(jax.jit(vq.encode)(s, x)), expected)
+    np.testing.assert_array_equal(np.asarray(vq.encode(s, x)), expected)
+
+
 def test_decode_of_encode_is_a_centroid():
     s = seeded()
     codes = vq.encode(s, X)
