@@ -28,7 +28,10 @@ def problem():
 
 def main(process_id: int, port: int, out: str) -> None:
     os.environ["JAX_PLATFORMS"] = "cpu"
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from _processes import xla_flags
+
+    os.environ["XLA_FLAGS"] = xla_flags(2)
     import jax
     import numpy as np
 

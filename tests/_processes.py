@@ -1,6 +1,7 @@
 """Test helper: run several processes together (e.g. the members of a ``jax.distributed`` job on localhost),
 bounded by a timeout so that CI never hangs."""
 
+import os
 import socket
 import subprocess
 
@@ -12,6 +13,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def xla_flags(devices: int) -> str:
+    """This process's ``XLA_FLAGS`` (without its device count) for a subprocess with ``devices`` fake CPU devices."""
+    flags = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f)
+    return f"{flags} --xla_force_host_platform_device_count={devices}".strip()
 
 
 def run_together(argvs: list[list[str]], env: dict, timeout_s: float, cwd=None) -> list[str]:

@@ -1,8 +1,12 @@
-"""Test configuration: CPU only, 4 fake devices (set before JAX starts its backend)."""
+"""Test configuration: CPU only, 4 fake devices (set before JAX starts its backend), and XLA:CPU's backend
+(LLVM) optimisation off unless ``XLA_FLAGS`` names a level: the tests' arrays are tiny, so their time goes to
+compiling, not running. Subprocesses started by the tests inherit that flag (:func:`_processes.xla_flags`)."""
 
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
 
 import jax  # noqa: E402

@@ -17,6 +17,9 @@ import pytest
 from dgl_jax import cli
 from dgl_jax.checkpoint import Checkpointer
 
+sys.path.insert(0, str(Path(__file__).parent))
+from _processes import xla_flags  # noqa: E402
+
 # the same recipe for the straight run and the interrupted one: 3 epochs of 22 steps, 2 steps per log line
 RECIPE = ["--epochs", "3", "--chunk-steps", "2", "--devices", "1", "--no-progress", "--compilation-cache", "off"]
 
@@ -70,8 +73,7 @@ def test_interrupt_then_resume_matches_straight_run(straight_run, tmp_path):
     cache = tmp_path / "cache"
     cmd = [sys.executable, "-m", "dgl_jax", "train", *RECIPE[:-1], str(cache), "--out", str(out)]
     # the same XLA:CPU setup as this process (4 fake devices), where the run is resumed and compared
-    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": flags}
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(4)}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     deadline = time.time() + 400
     while time.time() < deadline and proc.poll() is None:

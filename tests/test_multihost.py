@@ -15,7 +15,7 @@ import jax
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _processes import free_port, run_together  # noqa: E402
+from _processes import free_port, run_together, xla_flags  # noqa: E402
 
 from dgl_jax import cli
 from dgl_jax.checkpoint import Checkpointer, state_tree
@@ -28,7 +28,7 @@ RECIPE = ["--split", "2", "--validation", "0.9", "--chunk-steps", "2", "--no-pro
 
 def _env(devices: int, **more: str) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_PLATFORMS")}
-    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **more)
+    env.update(JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags(devices), **more)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     return env
 
