@@ -4,9 +4,10 @@
     python experiments/devices_accuracy.py --tiny     # 1 epoch, 2 layouts, 1 seed (used by the tests)
 
 Each cell (layout x seed) runs ``python -m dgl_jax train --epochs E --seed S <layout>`` in a subprocess with
-``XLA_FLAGS=--xla_force_host_platform_device_count=4`` and records every head's final test accuracy, the
-measured and accounted bytes per step crossing the stage boundaries (stage-parallel layouts) and the wall
-time. A finished cell is written to the JSON at once (:func:`dgl_jax.cells.run_grid`) and is not run again.
+``--xla_force_host_platform_device_count=4`` added to the caller's other ``XLA_FLAGS`` and records every
+head's final test accuracy, the measured and accounted bytes per step crossing the stage boundaries
+(stage-parallel layouts) and the wall time. A finished cell is written to the JSON at once
+(:func:`dgl_jax.cells.run_grid`) and is not run again.
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ LAYOUTS = {
 
 
 def run_cell(flags: list[str], seed: int, epochs: int) -> dict:
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    kept = [f for f in os.environ.get("XLA_FLAGS", "").split() if "device_count" not in f]  # the caller's other flags
+    env = {
+        **os.environ,
+        "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": " ".join([*kept, "--xla_force_host_platform_device_count=4"]),
+    }
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "dgl_jax", "train", "--epochs", str(epochs), "--seed", str(seed)]
