@@ -1,7 +1,8 @@
 """Which XLA:CPU flags and compute dtypes make ``dgl_step`` faster? One subprocess per configuration (flags
 are read when the backend starts), configurations run round-robin for several rounds so that machine noise
 hits all alike; each run reports the median of its steps, and the JSON holds the median over rounds and the
-ratio to the default configuration.
+ratio to the default configuration. A configuration's flags are added to the caller's ``XLA_FLAGS`` (usually none;
+recorded as ``machine.xla_flags``).
 
     python benchmarks/xla_flags.py                 # 4-stage paper CNN, batch 128, 32x32x1
     python benchmarks/xla_flags.py --tiny
@@ -87,7 +88,11 @@ def main(argv: list[str] | None = None) -> dict:
     for r in range(args.rounds):
         for name in names:
             flags, dtype = CONFIGS[name]
-            env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
+            env = {
+                **os.environ,
+                "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} {flags}".strip(),
+                "JAX_PLATFORMS": "cpu",
+            }
             cmd = [sys.executable, __file__, "--worker", "--dtype", dtype, "--method", args.method]
             cmd += ["--model", args.model, "--split", str(args.split)]
             cmd += ["--batch", str(args.batch), "--size", str(args.size), "--channels", str(args.channels)]
