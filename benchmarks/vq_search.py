@@ -13,6 +13,7 @@ blocks' median) and whether both gave the same codes.
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -28,10 +29,11 @@ SHAPES = "128x28x28x32,128x14x14x64"  # the converged sweep's boundaries (cnn4 x
 CODECS = "256:16,64:16,128:8,64:8"  # K:d
 
 
-def one_block(state: vq.VQState, x: jax.Array) -> jax.Array:
-    """The codes of :func:`dgl_jax.vq.encode` with every row in one block."""
-    flat = x.reshape(-1, state.codebook.shape[0], state.codebook.shape[2])
-    return jax.numpy.argmin(vq._scores(state, flat), -1).T
+def nearest(state: vq.VQState, x: jax.Array, one_block: bool) -> jax.Array:
+    """The nearest-centroid search of :func:`dgl_jax.vq.encode` on ``x``, with every row in one block or in
+    blocks of :func:`dgl_jax.vq.block_rows` rows."""
+    flat = vq._flatten(state, x)
+    return vq._nearest(state, flat, rows=flat.shape[0] if one_block else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -58,7 +60,7 @@ def main(argv: list[str] | None = None) -> dict:
                 p.error(f"code dim {d} does not divide the {shape[-1]} channels of {shape}")
             x = jax.random.normal(jax.random.key(1), shape)
             state = vq.init_from_data(vq.init(k, d, shape[-1] // d, key=jax.random.key(0)), x, key=jax.random.key(2))
-            fns = {"one_block": jax.jit(one_block), "blocks": jax.jit(lambda s, x: vq._nearest(s, vq._flatten(s, x)))}
+            fns = {n: jax.jit(functools.partial(nearest, one_block=n == "one_block")) for n in ("one_block", "blocks")}
             same = bool(np.array_equal(np.asarray(fns["one_block"](state, x)), np.asarray(fns["blocks"](state, x))))
             times = time_alternating({n: (lambda f=f, s=state, x=x: f(s, x)) for n, f in fns.items()}, args.repeats, 1)
             row = {"shape": list(shape), "num_codes": k, "code_dim": d, "same_codes": same,

@@ -239,14 +239,14 @@ def block_rows(n: int, groups: int, max_codes: int, platform: str | None = None)
     if platform != "cpu":
         return n
     target = max(1, BLOCK_SCORES // (groups * max_codes))
-    return min(n, min(8192, max(128, 1 << (target.bit_length() - 1))))
+    return min(n, 8192, max(128, 1 << (target.bit_length() - 1)))
 
 
-def _nearest(state: VQState, flat: jax.Array) -> jax.Array:
+def _nearest(state: VQState, flat: jax.Array, rows: int | None = None) -> jax.Array:
     """Index ``[N, G]`` int32 of the nearest active centroid of each row of ``flat: [N, G, d]`` (first on ties),
-    in blocks of :func:`block_rows` rows (zero-padded rows at the end are dropped)."""
+    in blocks of ``rows`` rows (default :func:`block_rows`; zero-padded rows at the end are dropped)."""
     n, g, d = flat.shape
-    rows = block_rows(n, g, state.codebook.shape[1])
+    rows = block_rows(n, g, state.codebook.shape[1]) if rows is None else rows
     if rows >= n:
         return jnp.argmin(_scores(state, flat), -1).T
     blocks = jnp.pad(flat, ((0, -n % rows), (0, 0), (0, 0))).reshape(-1, rows, g, d)
