@@ -116,6 +116,11 @@ def torch_local_update(m, opt, h, y):
 def build_torch(args, method, channels_last, compiled):
     import torch
 
+    if compiled:
+        # Dynamo compiles ``SGD.step`` once per optimizer object: with one optimizer per stage and variant the
+        # default limit (8) is hit and the later stages' steps would silently fall back to eager.
+        torch._dynamo.config.recompile_limit = 64
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 256)
     mods, opts, x, y = torch_stages(args, method, channels_last)
     ce = torch.nn.functional.cross_entropy
 
