@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from dgl_jax.arguments import boolean, decay_list, int_list, key_value
+from dgl_jax.arguments import TRAIN_FIELDS, add_fields, explicit_fields, key_value
 from dgl_jax.files import check_creatable, json_clean, save_figure, write_atomic, write_json
 from dgl_jax.host import keep_freed_memory
 
@@ -52,42 +52,6 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message}")
 
 
-# TrainConfig fields settable from the command line: (flag, field, type, help)
-_FIELDS = [
-    ("--method", "method", str, "training method (dgl, backprop, sequential, + registered ones)"),
-    ("--model", "model", str, "model zoo name (small_cnn, cnn4, vgg13, resnet110_cifar, ...)"),
-    ("--split", "split", int_list, "K stages (balanced by layer count) or units per stage, e.g. 2,1"),
-    ("--head", "head", str, "auxiliary head: mlp_sr, mlp, cnn, linear, dni, gap_linear"),
-    ("--dataset", "dataset", str, "digits, fashion_mnist, mnist, cifar10, cifar100, svhn_cropped, imagenet2012"),
-    ("--data-dir", "data_dir", str, "folder with the data (IDX files for fashion_mnist, a tfds data_dir otherwise)"),
-    ("--validation", "validation", float, "hold out this fraction of train as the evaluation split"),
-    ("--epochs", "epochs", int, "epochs (per stage for sequential)"),
-    ("--batch-size", "batch_size", int, "training batch size"),
-    ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
-    ("--optimizer", "optimizer", str, "sgd or adam"),
-    ("--lr", "lr", float, "learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "coupled weight decay"),
-    ("--decay-epochs", "decay_epochs", decay_list, "LR step schedule: every N epochs, at E1,E2,..., or none"),
-    ("--decay-factor", "decay_factor", float, "LR multiplier at each decay"),
-    ("--seed", "seed", int, "PRNG seed (init, data order, augmentation)"),
-    ("--dtype", "dtype", str, "compute dtype: float32, bfloat16, float16"),
-    ("--augment", "augment", boolean, "random crop + flip on device (true/false)"),
-    ("--chunk-steps", "chunk_steps", int, "optimizer steps per dispatch/log line (0: auto)"),
-    ("--loop", "loop", str, "chunk execution: auto, scan, dispatch"),
-    ("--loader", "loader", str, "training input: memory (whole split on device) or grain (streamed from the host)"),
-    ("--image-size", "image_size", int, "imagenet2012 (grain): S of the [S,S,3] images (resize to S*256/224, crop S)"),
-    ("--codec", "codec", str, "boundary codec (dgl, async): identity, bfloat16, vq:K:d, vq-packed:K:d"),
-    ("--head-reads-wire", "head_reads_wire", boolean, "each stage's head trains on its decoded wire (true/false)"),
-    ("--devices", "devices", int, "local devices to use (default: all; CPU: 1 unless fake devices are set)"),
-    ("--parallel", "parallel", str, "data (default), stages, or stages+data: how the devices share the work"),
-    ("--stage-groups", "stage_groups", int, "positions on the stage axis (default: one per stage)"),
-    ("--executor", "executor", str, "spmd or threads (stage-parallel dgl); async: threads or ray; dgl: ray"),
-    ("--ray-address", "ray_address", str, "--executor ray: HOST:PORT of a Ray cluster (default: a local instance)"),
-    ("--ray-checkpoint-every", "ray_checkpoint_every", int, "--executor ray: updates between actor checkpoints"),
-]
-
-
 def build_parser() -> argparse.ArgumentParser:
     from dgl_jax.presets import PRESETS
 
@@ -101,9 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     train.add_argument("--preset", help=f"start from a paper recipe: one of {', '.join(PRESETS)}")
-    for flag, field, typ, text in _FIELDS:
-        flag_only = {"nargs": "?", "const": True} if typ is boolean else {}  # --augment means --augment true
-        train.add_argument(flag, dest=field, type=typ, default=None, help=text, **flag_only)
+    add_fields(train, TRAIN_FIELDS)
     train.add_argument(
         "--method-option",
         dest="method_options",
@@ -278,7 +240,7 @@ def resolve_config(args: argparse.Namespace):
     from dgl_jax.presets import PRESETS, preset_config
     from dgl_jax.trainer import config_from_dict
 
-    explicit = {field: getattr(args, field) for _, field, _, _ in _FIELDS if getattr(args, field) is not None}
+    explicit = explicit_fields(args, TRAIN_FIELDS)
     for name in ("method_options", "model_options"):
         if getattr(args, name):
             explicit[name] = dict(getattr(args, name))

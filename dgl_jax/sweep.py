@@ -58,7 +58,7 @@ import numpy as np
 
 from dgl_jax import cells as cells_lib
 from dgl_jax import provenance
-from dgl_jax.arguments import boolean, decay_list, int_list, key_value
+from dgl_jax.arguments import add_fields, explicit_fields, fields, key_value
 
 EXIT_BAD_INPUT = 2
 EXIT_DIVERGED = 3
@@ -76,26 +76,26 @@ class SweepError(ValueError):
 # ----------------------------------------------------------------------------------------------------------
 # Parsing
 # ----------------------------------------------------------------------------------------------------------
-# TrainConfig fields a sweep takes from the command line: (flag, field, type, help)
-TRAIN_FLAGS = [
-    ("--model", "model", str, "model zoo name (default small_cnn)"),
-    ("--split", "split", int_list, "K stages or units per stage, e.g. 2,1"),
-    ("--head", "head", str, "auxiliary head: mlp_sr, mlp, cnn, linear, gap_linear"),
-    ("--dataset", "dataset", str, "digits (default), fashion_mnist, mnist, cifar10, ..."),
-    ("--data-dir", "data_dir", str, "folder with the data"),
-    ("--validation", "validation", float, "hold out this fraction of train as the evaluation split"),
-    ("--epochs", "epochs", int, "epochs"),
-    ("--batch-size", "batch_size", int, "training batch size"),
-    ("--eval-batch-size", "eval_batch_size", int, "evaluation batch size"),
-    ("--optimizer", "optimizer", str, "sgd or adam"),
-    ("--lr", "lr", float, "learning rate"),
-    ("--momentum", "momentum", float, "SGD momentum"),
-    ("--weight-decay", "weight_decay", float, "coupled weight decay"),
-    ("--decay-epochs", "decay_epochs", decay_list, "LR step schedule: every N epochs, at E1,E2,..., or none"),
-    ("--decay-factor", "decay_factor", float, "LR multiplier at each decay"),
-    ("--dtype", "dtype", str, "compute dtype: float32, bfloat16, float16"),
-    ("--head-reads-wire", "head_reads_wire", boolean, "each quantized stage trains its head on its decoded wire"),
-]
+# the train flags a sweep takes (the method is dgl, and the executor and data layout are the sweep's own)
+TRAIN_FLAGS = fields(
+    "--model",
+    "--split",
+    "--head",
+    "--dataset",
+    "--data-dir",
+    "--validation",
+    "--epochs",
+    "--batch-size",
+    "--eval-batch-size",
+    "--optimizer",
+    "--lr",
+    "--momentum",
+    "--weight-decay",
+    "--decay-epochs",
+    "--decay-factor",
+    "--dtype",
+    "--head-reads-wire",
+)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -103,9 +103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--codecs", required=True, help="comma-separated codec specs: vq:K:d, vq-packed:K:d, ...:gG")
     p.add_argument("--seeds", default="0", help="comma-separated distinct seeds (default 0)")
     p.add_argument("--out", required=True, help="run folder (re-run the same command there to resume)")
-    for flag, field, typ, text in TRAIN_FLAGS:
-        flag_only = {"nargs": "?", "const": True} if typ is boolean else {}  # --flag means --flag true
-        p.add_argument(flag, dest=field, type=typ, default=None, help=text, **flag_only)
+    add_fields(p, TRAIN_FLAGS)
     p.add_argument(
         "--model-option", dest="model_options", type=key_value, action="append", default=[], metavar="KEY=VALUE"
     )
@@ -211,7 +209,7 @@ def train_config(args: argparse.Namespace) -> Any:
     """The validated :class:`~dgl_jax.config.TrainConfig` (method dgl) of the train options."""
     from dgl_jax.config import TrainConfig, validate_config
 
-    explicit = {field: getattr(args, field) for _, field, _, _ in TRAIN_FLAGS if getattr(args, field) is not None}
+    explicit = explicit_fields(args, TRAIN_FLAGS)
     if args.model_options:
         explicit["model_options"] = dict(args.model_options)
     try:
